@@ -1,0 +1,239 @@
+"""The procedural defect engine: IG's embedded backend.
+
+Why procedural: it runs on a CPU, offline, in milliseconds, is exactly reproducible from a seed, and
+knows the true region of every defect it draws, which a diffusion inpainter does not. The engine reads
+the instruction with the shared vocabulary, finds the product, picks a family renderer and composes
+`spec.count` defects, each placed on the product in the requested position, away from the others, under
+one light direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from tools.foreground import estimate_foreground, foreground_diameter
+from tools.image_gen.blending import Stamp, ensure_visible, max_abs_diff
+from tools.image_gen.blob import render_blob
+from tools.image_gen.deformation import render_deformation
+from tools.image_gen.hole import render_hole
+from tools.image_gen.line import render_line
+from tools.image_gen.missing import render_missing
+from tools.image_gen.placement import (
+    Canvas,
+    NotApplicable,
+    foreground_depth,
+    light_vector,
+    region_mask,
+    region_position,
+)
+from tools.image_gen.texture import render_texture
+from tools.types import GenerationRequest, GenerationResult
+from tools.vocabulary import DefectSpec, parse_instruction
+
+logger = logging.getLogger(__name__)
+
+Renderer = Callable[[Canvas, DefectSpec, np.random.Generator], Stamp]
+
+
+#: One renderer per family. Every family is implemented; a renderer may still decline an image
+#: (`NotApplicable`, e.g. "missing" on a texture), and then `FALLBACKS` names what is drawn instead.
+RENDERERS: dict[str, Renderer] = {
+    "line": render_line,
+    "blob": render_blob,
+    "hole": render_hole,
+    "missing": render_missing,
+    "deformation": render_deformation,
+    "texture": render_texture,
+}
+
+#: Closest family and shape for each family, used when its renderer is missing or declines an image.
+FALLBACKS: dict[str, tuple[str, str]] = {
+    "missing": ("hole", "hole"),
+    "deformation": ("line", "crack"),
+    "texture": ("blob", "stain"),
+    "line": ("line", "scratch"),
+    "blob": ("blob", "stain"),
+    "hole": ("hole", "hole"),
+}
+
+#: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels...
+VISIBLE_LEVEL = 5.0
+#: ...and half the defect's typical change (75th percentile of its substantial changes where
+#: alpha ≥ 0.5). This is the half-maximum convention: a defect's extent ends where its effect has
+#: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
+#: same convention, so the two agree by design.
+RELATIVE_LEVEL = 0.5
+#: Percentile of the substantial changes taken as the defect's typical change (same as MG's default).
+TYPICAL_PERCENTILE = 75.0
+
+
+def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigma: float = 0.5) -> np.ndarray:
+    """Pixels that belong to a defect and visibly changed: alpha ≥ 0.5 and a change of at least half
+    the defect's typical change, with enclosed holes filled.
+
+    Why the smoothing and the hole filling: grain and texture-preserving edits change neighbouring
+    pixels by different amounts; a defect pixel that happens to change little is still part of it.
+
+    Args:
+        before: The window before the defect (float RGB).
+        after: The window after it.
+        alpha: The defect's relative strength over the window.
+        sigma: Smoothing of the change map in pixels.
+
+    Returns:
+        Bool mask over the window.
+    """
+    core = alpha >= 0.5
+    if not core.any():
+        return core
+    diff = ndi.gaussian_filter(max_abs_diff(after, before), sigma)
+    inside = diff[core]
+    # Typical change: 75th percentile of the substantial changes (at least half the near-maximum), so that a
+    # faint part (a hole's lip next to its dark floor) does not lower the bar.
+    strong = inside[inside >= 0.5 * np.percentile(inside, 95)]
+    typical = float(np.percentile(strong, TYPICAL_PERCENTILE)) if strong.size else 0.0
+    level = max(VISIBLE_LEVEL, RELATIVE_LEVEL * typical)
+    visible = core & (diff >= level)
+    # Bridge 1-px gaps (as MG's mask does) and fill enclosed holes.
+    visible = (
+        ndi.binary_closing(visible, ndi.generate_binary_structure(2, 1), border_value=0) & core | visible
+    )
+    return ndi.binary_fill_holes(visible)
+
+
+class ProceduralEngine:
+    """Draws defects described in the shared vocabulary onto normal images.
+
+    Args:
+        foreground_cache: How many foreground estimates to keep, keyed by image content; the agent
+            calls IG several times on the same normal image.
+    """
+
+    def __init__(self, foreground_cache: int = 16) -> None:
+        self._fg_cache: OrderedDict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._fg_cache_size = foreground_cache
+
+    def foreground(self, image: np.ndarray, is_texture: bool) -> np.ndarray:
+        """The product mask of `image`, cached by content."""
+        return self._foreground(image, is_texture)[0]
+
+    def _foreground(self, image: np.ndarray, is_texture: bool) -> tuple[np.ndarray, np.ndarray]:
+        key = (hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + str(image.shape), is_texture)
+        if key in self._fg_cache:
+            self._fg_cache.move_to_end(key)
+            return self._fg_cache[key]
+        mask = estimate_foreground(image, is_texture)
+        entry = (mask, foreground_depth(mask))
+        self._fg_cache[key] = entry
+        while len(self._fg_cache) > self._fg_cache_size:
+            self._fg_cache.popitem(last=False)
+        return entry
+
+    def generate(self, image: np.ndarray, request: GenerationRequest) -> GenerationResult:
+        """Draw the defect(s) the request's prompt describes.
+
+        Args:
+            image: uint8 RGB (H, W, 3), the normal image (not modified).
+            request: Prompt (vocabulary instruction), category flags, default shape, region and seed.
+
+        Returns:
+            `GenerationResult` with the edited uint8 image, `region` (bool: pixels that belong to a
+            defect and visibly changed), the parsed `spec`, and `info` with the sampled parameters
+            (one entry per defect under "defects", plus "fallback" when another family stood in).
+        """
+        if (
+            not isinstance(image, np.ndarray)
+            or image.ndim != 3
+            or image.shape[2] != 3
+            or image.dtype != np.uint8
+        ):
+            raise ValueError(
+                "ProceduralEngine.generate expects a uint8 RGB array (H, W, 3); "
+                f"got {getattr(image, 'dtype', type(image))} {getattr(image, 'shape', None)}. "
+                "Convert it at the edge."
+            )
+        spec = parse_instruction(request.prompt, default_shape=request.default_shape, region=request.region)
+        rng = np.random.default_rng(request.seed)
+        fg, depth = self._foreground(image, request.is_texture)
+        position = spec.position
+        if position == "anywhere":
+            position = region_position(spec.region) or "anywhere"
+        allowed = region_mask(fg, position, rng)
+        canvas = Canvas(
+            image=image.astype(np.float32),
+            foreground=fg,
+            allowed=allowed,
+            occupied=np.zeros(fg.shape, bool),
+            light=light_vector(rng),
+            diameter=foreground_diameter(fg),
+            depth=depth,
+            is_texture=request.is_texture,
+        )
+        info: dict[str, Any] = {
+            "engine": "procedural",
+            "shape": spec.shape,
+            "family": spec.family,
+            "seed": request.seed,
+            "position": position,
+            "size": spec.size,
+            "contrast": spec.contrast,
+            "softness": spec.softness,
+            "colour": spec.colour,
+            "count": spec.count,
+            "light_xy": [round(v, 3) for v in canvas.light],
+            "foreground_fraction": round(float(fg.mean()), 4),
+            "foreground_diameter_px": round(canvas.diameter, 1),
+            "defects": [],
+        }
+        draw_spec, renderer, fallback = self._renderer_for(spec)
+        if fallback:
+            info["fallback"] = fallback
+        region = np.zeros(fg.shape, bool)
+        for _ in range(spec.count):
+            try:
+                stamp = renderer(canvas, draw_spec, rng)
+            except NotApplicable as exc:
+                fam, shape = FALLBACKS[draw_spec.family]
+                logger.info("%s cannot draw here (%s); falling back to %s", draw_spec.shape, exc, shape)
+                info["fallback"] = f"{draw_spec.family}->{fam}:{shape} ({exc})"
+                draw_spec = draw_spec.model_copy(update={"family": fam, "shape": shape})
+                renderer = RENDERERS[fam]
+                stamp = renderer(canvas, draw_spec, rng)
+            x0, y0, x1, y1 = stamp.box
+            win = (slice(y0, y1), slice(x0, x1))
+            before = canvas.image[win]
+            out, gain = ensure_visible(before, stamp.image, stamp.alpha)
+            mine = defect_region(before, out, stamp.alpha)
+            region[win] |= mine
+            stamp.info["area_px"] = int(mine.sum())
+            stamp.info["box"] = list(stamp.box)
+            if gain != 1.0:
+                stamp.info["visibility_gain"] = round(gain, 2)
+            info["defects"].append(stamp.info)
+            canvas.occupied[win] |= stamp.alpha >= 0.05
+            canvas.image[win] = out
+        edited = np.clip(np.round(canvas.image), 0, 255).astype(np.uint8)
+        info["area_fraction"] = round(float(region.mean()), 5)
+        info["region_in_foreground"] = round(float((region & fg).sum() / max(region.sum(), 1)), 4)
+        if not region.any():
+            logger.warning(
+                "the %s came out invisible (seed %d); the region is empty", spec.shape, request.seed
+            )
+        return GenerationResult(image=edited, region=region, spec=spec, info=info)
+
+    @staticmethod
+    def _renderer_for(spec: DefectSpec) -> tuple[DefectSpec, Renderer, str | None]:
+        """The renderer for the spec's family, or the closest implemented one with a note why."""
+        if spec.family in RENDERERS:
+            return spec, RENDERERS[spec.family], None
+        fam, shape = FALLBACKS[spec.family]
+        note = f"{spec.family}->{fam}:{shape} (family not implemented)"
+        logger.info("no renderer for family %s; drawing a %s instead", spec.family, shape)
+        return spec.model_copy(update={"family": fam, "shape": shape}), RENDERERS[fam], note
