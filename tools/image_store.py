@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,43 @@ def is_mask_id(image_id: str) -> bool:
     """Whether `image_id` names a mask (as returned by `ImageStore.put_mask`)."""
     match = _ID_PATTERN.match(image_id) if isinstance(image_id, str) else None
     return bool(match and match["mask"])
+
+
+class _DecodedCache:
+    """Decoded arrays by file path, bounded in bytes, least recently used out first.
+
+    Why it is safe: a store file's name is the hash of its content and is never rewritten, so a
+    decoded copy can never go stale. Why it matters: each tool node reads the normal and the edited
+    image back; decoding them again dominated the graph's own overhead.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            array = self._items.get(key)
+            if array is not None:
+                self._items.move_to_end(key)
+            return array
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        if array.nbytes > self._max_bytes // 4:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = array
+            self._bytes += array.nbytes
+            while self._bytes > self._max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+
+_DECODED = _DecodedCache()
 
 
 class ImageStore:
@@ -127,6 +166,9 @@ class ImageStore:
             ImageInputError: the stored file exists but cannot be decoded.
         """
         path = self.path(image_id)
+        cached = _DECODED.get(str(path))
+        if cached is not None:
+            return cached.copy()
         try:
             with Image.open(path, formats=("PNG",)) as im:
                 im.load()
@@ -142,8 +184,9 @@ class ImageStore:
                 "delete the file and put the image again"
             ) from None
         if is_mask_id(image_id):
-            return array != 0
-        return array
+            array = array != 0
+        _DECODED.put(str(path), array)
+        return array.copy()
 
     def path(self, image_id: str) -> Path:
         """The PNG path of an id (whether or not it has been stored).

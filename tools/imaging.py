@@ -378,6 +378,11 @@ def _shorten(text: str, limit: int = 120) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+#: zlib level for every PNG we write. PNG is lossless at any level; level 1 encodes about 5x faster
+#: than Pillow's default 6 for files ~10-20% larger, and encoding was the agent's largest overhead.
+PNG_COMPRESS_LEVEL = 1
+
+
 def _to_pil(array: np.ndarray) -> Image.Image:
     """A PIL image for a uint8 RGB (H, W, 3), uint8 grayscale (H, W) or bool mask (H, W) array."""
     if not isinstance(array, np.ndarray):
@@ -406,7 +411,7 @@ def encode_png(array: np.ndarray) -> bytes:
         The PNG file's bytes.
     """
     buffer = io.BytesIO()
-    _to_pil(array).save(buffer, format="PNG")
+    _to_pil(array).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
@@ -475,7 +480,7 @@ def save_png_atomic(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
         ValueError: the array has an unsupported dtype or shape (nothing is written).
     """
     pil = _to_pil(array)
-    return _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    return _atomic_write(path, lambda f: pil.save(f, format="PNG", compress_level=PNG_COMPRESS_LEVEL))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
