@@ -1,0 +1,237 @@
+"""The `anomaly-agent` command line.
+
+Why errors are caught here and nowhere deeper: library code raises exceptions with messages written
+for the user; the CLI is the edge where a known error becomes one line on stderr and exit code 2,
+and only an unexpected bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is written for the user: shown as one line, no traceback."""
+    from graph.batch import BatchError
+    from graph.configuration import ConfigurationError
+    from graph.policies.base import PolicyError
+    from tools.imaging import ImageInputError
+    from tools.knowledge.catalog import KnowledgeBaseError, UnknownAnomalyTypeError, UnknownCategoryError
+
+    return (
+        BatchError,
+        ConfigurationError,
+        PolicyError,
+        ImageInputError,
+        KnowledgeBaseError,
+        UnknownAnomalyTypeError,
+        UnknownCategoryError,
+        FileNotFoundError,
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Configuration overrides from the flags every run command shares."""
+    values = {"seed": getattr(args, "seed", None), "config_file": getattr(args, "config", None)}
+    for key in ("policy", "base_url", "model", "temperature", "max_tokens"):
+        values[key] = getattr(args, key, None)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _check_inputs(category: str, anomaly_types: list[str]) -> tuple[str, list[str]]:
+    """Normalised category and types, or a clear error naming the close matches."""
+    from tools.knowledge.catalog import load_catalog
+
+    catalog = load_catalog()
+    name = catalog.category(category).name
+    return name, [catalog.defect(name, t).name for t in anomaly_types]
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    from graph.configuration import Configuration
+    from graph.graph import build_graph, recursion_limit
+    from tools.imaging import load_image
+
+    category, (anomaly_type,) = _check_inputs(args.category, [args.anomaly_type])
+    load_image(args.image)  # fail fast with the loader's one-line message
+    overrides = _overrides(args)
+    cfg = Configuration.load(overrides=overrides)
+    _check_policy(cfg)
+    out = Path(args.out)
+    started = time.perf_counter()
+    values = build_graph().invoke(
+        {"image": str(Path(args.image).resolve()), "category": category, "anomaly_type": anomaly_type, "seed": cfg.seed, "run_dir": str(out)},
+        {"configurable": overrides, "recursion_limit": recursion_limit(cfg)},
+    )
+    result = values.get("result", {})
+    print(
+        json.dumps(
+            {
+                "status": values.get("status"),
+                "score": result.get("score"),
+                "steps": result.get("steps"),
+                "seconds": round(time.perf_counter() - started, 3),
+                "anomaly": result.get("anomaly_path"),
+                "mask": result.get("mask_path"),
+                "trajectory": result.get("trajectory_path"),
+                **({"error": result["error"]} if result.get("error") else {}),
+            }
+        )
+    )
+    if values.get("status") == "policy_error":
+        print(f"anomaly-agent: error: {result.get('error', 'the policy failed')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_policy(cfg: Any) -> None:
+    """Set the policy up before any run, so a missing endpoint or model folder fails once, up front."""
+    from graph.policies import check_policy
+
+    check_policy(cfg)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from graph.batch import list_images, plan, run_batch
+
+    category, types = _check_inputs(args.category, [t for t in args.anomaly_types.split(",") if t.strip()])
+    root = Path(args.out).resolve()
+    from graph.configuration import Configuration
+
+    _check_policy(Configuration.load(overrides=_overrides(args)))
+    samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
+    summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
+    print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png", file=sys.stderr)
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from tools.samples import make_samples
+
+    written = make_samples(Path(args.out), size=args.size)
+    for item in written:
+        print(f"{item['category']}\t{item['kind']}\t{item['path']}")
+    return 0
+
+
+def cmd_kb_list(args: argparse.Namespace) -> int:
+    from tools.knowledge.catalog import load_catalog
+
+    catalog = load_catalog()
+    for category in catalog.categories(args.dataset):
+        types = ", ".join(d.name for d in category.defects.values())
+        print(f"{category.dataset}\t{category.name}\t{category.kind}\t{types}")
+    return 0
+
+
+def cmd_serve_policy(args: argparse.Namespace) -> int:
+    from graph.serve_policy import serve
+
+    serve(args.model, host=args.host, port=args.port, served_name=args.served_model_name, max_tokens=args.max_tokens)
+    return 0
+
+
+def cmd_eval_policy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from evals.policy_eval import evaluate_policy, format_table, last_line
+
+    overrides = _overrides(args)
+    started = time.perf_counter()
+    summary = evaluate_policy(overrides, args.tasks, seed=args.seed, size=args.size, progress=sys.stderr.isatty())
+    label = overrides.get("policy", "scripted") + (f" {overrides['model']}" if overrides.get("model") else "")
+    Console().print(format_table(summary, f"policy eval: {label}, {args.tasks} tasks, {time.perf_counter() - started:.0f}s"))
+    print(last_line(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly-agent", description="Synthesize realistic industrial defects with pixel masks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--config", help="YAML file with configuration keys (see README)")
+        p.add_argument("--policy", choices=["scripted", "openai", "local"])
+        p.add_argument("--base-url", dest="base_url")
+        p.add_argument("--model", help="model name (openai) or local model folder (local; default SmolLM2-135M-Instruct)")
+        p.add_argument("--temperature", type=float, help="policy sampling temperature (default 0: greedy)")
+        p.add_argument("--max-tokens", dest="max_tokens", type=int, help="most tokens per policy turn")
+
+    p = sub.add_parser("synthesize", help="one defect on one image")
+    p.add_argument("--image", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--anomaly-type", required=True)
+    p.add_argument("--out", required=True)
+    run_options(p)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("batch", help="many defects over a folder, written in the MVTec-AD layout")
+    p.add_argument("--input", required=True)
+    p.add_argument("--category", required=True)
+    p.add_argument("--anomaly-types", required=True, help="comma-separated")
+    p.add_argument("--per-image", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="finish an interrupted batch in the same --out")
+    run_options(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("samples", help="write normal sample images built from scikit-image's bundled data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=256)
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("serve-policy", help="serve a local model as an OpenAI-compatible chat endpoint")
+    p.add_argument("--model", help="local Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="model id the server reports (default: the folder's name)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=512, help="default max_tokens per request")
+    p.set_defaults(func=cmd_serve_policy)
+
+    p = sub.add_parser("eval", help="evaluations")
+    ev = p.add_subparsers(dest="eval_command", required=True)
+    q = ev.add_parser("policy", help="how well a policy drives the agent: call validity, protocol, masks, score")
+    q.add_argument("--tasks", type=int, default=20, help="number of tasks (sample image x defect type)")
+    q.add_argument("--size", type=int, default=128, help="side of the sample images in pixels")
+    run_options(q)
+    q.set_defaults(func=cmd_eval_policy)
+
+    p = sub.add_parser("kb", help="the knowledge base")
+    kb = p.add_subparsers(dest="kb_command", required=True)
+    q = kb.add_parser("list", help="categories and their defect types")
+    q.add_argument("--dataset", choices=["mvtec_ad", "visa"])
+    q.set_defaults(func=cmd_kb_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"anomaly-agent: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anomaly-agent: interrupted; rerun a batch with --resume to finish it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

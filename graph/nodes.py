@@ -1,0 +1,364 @@
+"""The graph's nodes: `policy`, one node per tool, and `finalize` (DESIGN §3).
+
+Why the policy node validates calls itself: a malformed or unknown call must become an error
+observation the policy can read and recover from, never an exception that kills the run. The policy
+node answers such calls with an error tool message and routes back to itself; only a valid call is
+routed to its tool's node. Tool nodes turn their own failures (an image number that does not exist)
+into error observations too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+
+from graph import prompts
+from graph.configuration import Configuration
+from graph.policies import PolicyError, get_policy
+from graph.state import AgentState
+from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
+from graph.toolbox import get_toolbox
+from graph.trajectory import write_outputs
+from tools.image_store import ImageStore
+from tools.imaging import load_image
+from tools.knowledge.catalog import load_catalog
+from tools.types import EvaluationRequest, GenerationRequest, KnowledgeEntry, PromptRequest
+
+logger = logging.getLogger(__name__)
+
+FINALIZE = "finalize"
+POLICY = "policy"
+
+
+class ToolFailure(Exception):
+    """A tool could not run on the arguments it was given; shown to the policy as an error observation."""
+
+
+# --------------------------------------------------------------------------------------------- policy
+
+
+def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
+    """Validate the inputs, store the normal image as image 1 and write the opening messages."""
+    for key in ("image", "category", "anomaly_type"):
+        if not state.get(key):
+            raise ValueError(f"missing input '{key}': give image (path or data URL), category and anomaly_type")
+    catalog = load_catalog()
+    category = catalog.category(state["category"])
+    defect = catalog.defect(category.name, state["anomaly_type"])
+    run_dir = Path(state.get("run_dir") or Path(config.run_root) / uuid.uuid4().hex[:12]).resolve()
+    normal = load_image(state["image"])
+    image_id = ImageStore(run_dir).put(normal)
+    subject = category.subject
+    return {
+        "category": category.name,
+        "anomaly_type": defect.name,
+        "seed": int(state.get("seed", config.seed) or 0),
+        "run_dir": str(run_dir),
+        "subject": subject,
+        "is_texture": category.kind == "texture",
+        "default_shape": defect.shape,
+        "region": defect.region,
+        "images": {"1": image_id},
+        "generations": {},
+        "evaluations": {},
+        "masks": {},
+        "knowledge": [],
+        "prompt": "",
+        "steps": 0,
+        "image_gens": 0,
+        "calls": [],
+        "messages": [
+            SystemMessage(
+                prompts.system_prompt(
+                    category=category.name,
+                    anomaly_type=defect.name,
+                    subject=subject,
+                    max_steps=config.max_steps,
+                    max_image_gens=config.max_image_gens,
+                )
+            ),
+            HumanMessage(prompts.task_prompt(anomaly_type=defect.name, subject=subject)),
+        ],
+    }
+
+
+def policy_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    """Ask the policy for its next message and route it: to a tool, back to itself, or to finalize."""
+    cfg = Configuration.from_runnable_config(config)
+    update: dict[str, Any] = start_run(state, cfg) if not state.get("images") else {}
+    view: AgentState = {**state, **update}  # type: ignore[typeddict-item]
+    if view.get("steps", 0) >= cfg.max_steps:
+        return {**update, "status": "budget_exhausted", "next": FINALIZE}
+
+    started = time.perf_counter()
+    try:
+        message = get_policy(cfg).decide(view, cfg)
+    except PolicyError as error:
+        # A dead endpoint or a model that cannot load: end this run (finalize keeps the best image so
+        # far and records why), so a batch goes on with its next sample instead of crashing or hanging.
+        logger.error("policy failed; ending the run: %s", error)
+        update["timings"] = _add_time(view, POLICY, time.perf_counter() - started)
+        return {**update, "status": "policy_error", "error": str(error), "next": FINALIZE}
+    update["timings"] = _add_time(view, POLICY, time.perf_counter() - started)
+    # On the first turn `update` already holds the opening messages; the policy's answer follows them.
+    new_messages: list[Any] = [*update.pop("messages", []), message]
+    if not message.tool_calls and not message.invalid_tool_calls:
+        return {**update, "messages": new_messages, "next": FINALIZE}
+
+    calls = [validate_call(c["name"], c.get("args"), c.get("id") or f"call_{uuid.uuid4().hex[:8]}") for c in message.tool_calls]
+    calls += [
+        InvalidCall(c.get("name") or "?", f"could not parse the tool call: {c.get('error') or 'bad JSON'}", c.get("id") or "")
+        for c in message.invalid_tool_calls
+    ]
+    first, rest = calls[0], calls[1:]
+    answer_at = len(new_messages)
+    for extra in rest:
+        new_messages.append(_tool_message(prompts.error_observation("one tool call per turn; this one was ignored"), extra))
+
+    if not isinstance(first, InvalidCall) and first.name == "image_gen" and view.get("image_gens", 0) >= cfg.max_image_gens:
+        first = InvalidCall(first.name, "the image_gen budget is used up; call mask_gen on your best image", first.call_id)
+    if isinstance(first, InvalidCall):
+        new_messages.insert(answer_at, _tool_message(prompts.error_observation(first.error), first))
+        return {
+            **update,
+            "messages": new_messages,
+            "steps": view.get("steps", 0) + 1,
+            "calls": [*view.get("calls", []), "invalid"],
+            "next": POLICY,
+        }
+    return {
+        **update,
+        "messages": new_messages,
+        "pending_call": {"name": first.name, "args": first.args.model_dump(), "id": first.call_id},
+        "next": first.name,
+    }
+
+
+def route_from_policy(state: AgentState) -> str:
+    """The node the policy's last message goes to."""
+    target = state.get("next", FINALIZE)
+    return target if target in (*TOOL_NAMES, POLICY, FINALIZE) else FINALIZE
+
+
+def _add_time(state: AgentState, key: str, seconds: float) -> dict[str, float]:
+    timings = dict(state.get("timings") or {})
+    timings[key] = timings.get(key, 0.0) + seconds
+    return timings
+
+
+def _tool_message(content: str, call: Any) -> ToolMessage:
+    return ToolMessage(content=content, tool_call_id=call.call_id or "none", name=call.name)
+
+
+# ---------------------------------------------------------------------------------------------- tools
+
+
+def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Configuration], tuple[str, dict[str, Any]]]):
+    """Wrap `run` (state, args, config) -> (observation, state update) as a graph node."""
+
+    def node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+        cfg = Configuration.from_runnable_config(config)
+        call = state["pending_call"]
+        started = time.perf_counter()
+        try:
+            observation, update = run(state, call["args"], cfg)
+        except ToolFailure as failure:
+            observation, update = prompts.error_observation(str(failure)), {}
+        message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
+        return {
+            **update,
+            "timings": _add_time(state, name, time.perf_counter() - started),
+            "messages": [message],
+            "steps": state.get("steps", 0) + 1,
+            "calls": [*state.get("calls", []), name],
+            "pending_call": {},
+        }
+
+    node.__name__ = f"{name}_node"
+    node.__doc__ = f"Run the {name} tool on the pending call and answer with its observation."
+    return node
+
+
+def _store(state: AgentState) -> ImageStore:
+    return ImageStore(Path(state["run_dir"]))
+
+
+def _image(state: AgentState, number: int, *, generated: bool = False) -> Any:
+    images = state.get("images") or {}
+    if str(number) not in images:
+        raise ToolFailure(f"there is no image {number}; the images are {', '.join(sorted(images, key=int))}")
+    if generated and number == 1:
+        raise ToolFailure("image 1 is the normal image; give the number of a generated image")
+    return _store(state).get(images[str(number)])
+
+
+def _knowledge(state: AgentState) -> list[KnowledgeEntry]:
+    retrieved = [KnowledgeEntry.model_validate(k) for k in state.get("knowledge") or []]
+    return retrieved or [load_catalog().entry(state["category"], state["anomaly_type"])]
+
+
+def run_prompt_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
+    request = PromptRequest(
+        category=state["category"],
+        anomaly_type=state["anomaly_type"],
+        subject=state.get("subject", "the object"),
+        knowledge=_knowledge(state),
+        feedback=args.get("feedback", ""),
+        seed=_derive_seed(state, "prompt_gen"),
+    )
+    instruction = get_toolbox(cfg).prompt.generate(request)
+    return prompts.prompt_observation(instruction), {"prompt": instruction}
+
+
+def run_image_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
+    source = int(args["image"])
+    image = _image(state, source)
+    request = GenerationRequest(
+        prompt=args["prompt"],
+        category=state["category"],
+        anomaly_type=state["anomaly_type"],
+        is_texture=bool(state.get("is_texture")),
+        default_shape=state.get("default_shape", "stain"),
+        region=state.get("region"),
+        seed=_derive_seed(state, "image_gen"),
+    )
+    result = get_toolbox(cfg).image.generate(image, request)
+    store = _store(state)
+    number = len(state["images"]) + 1
+    info = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    record = {
+        "prompt": args["prompt"],
+        "source": source,
+        "image_id": store.put(result.image),
+        "region_id": store.put_mask(result.region) if result.region is not None else None,
+        "spec": result.spec.model_dump() if result.spec else None,
+        "info": info,
+    }
+    return prompts.image_observation(number, source, info), {
+        "images": {**state["images"], str(number): record["image_id"]},
+        "generations": {**state.get("generations", {}), str(number): record},
+        "image_gens": state.get("image_gens", 0) + 1,
+        "prompt": args["prompt"],
+    }
+
+
+def run_quality_eval(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
+    number = int(args["image"])
+    edited = _image(state, number, generated=True)
+    normal = _image(state, 1)
+    generation = (state.get("generations") or {}).get(str(number), {})
+    request = EvaluationRequest(
+        category=state["category"],
+        anomaly_type=state["anomaly_type"],
+        prompt=generation.get("prompt", ""),
+        is_texture=bool(state.get("is_texture")),
+    )
+    evaluation = get_toolbox(cfg).judge.evaluate(normal, edited, request).model_dump()
+    return prompts.evaluation_observation(number, evaluation), {
+        "evaluations": {**state.get("evaluations", {}), str(number): evaluation}
+    }
+
+
+def run_knowledge_retrieval(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
+    entries = get_toolbox(cfg).knowledge.retrieve(state["category"], state["anomaly_type"], query=args.get("query", ""), k=3)
+    return prompts.knowledge_observation([e.as_text() for e in entries]), {
+        "knowledge": [e.model_dump() for e in entries]
+    }
+
+
+def run_mask_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
+    number = int(args["image"])
+    edited = _image(state, number, generated=True)
+    result = get_toolbox(cfg).mask.generate(_image(state, 1), edited)
+    record = {
+        "mask_id": _store(state).put_mask(result.mask),
+        "box": list(result.box) if result.box else None,
+        "area_fraction": result.area_fraction,
+    }
+    return prompts.mask_observation(number, result.area_fraction, record["box"]), {
+        "masks": {**state.get("masks", {}), str(number): record}
+    }
+
+
+TOOL_RUNNERS = {
+    "prompt_gen": run_prompt_gen,
+    "image_gen": run_image_gen,
+    "quality_eval": run_quality_eval,
+    "knowledge_retrieval": run_knowledge_retrieval,
+    "mask_gen": run_mask_gen,
+}
+TOOL_NODES = {name: _make_tool_node(name, run) for name, run in TOOL_RUNNERS.items()}
+
+
+def _derive_seed(state: AgentState, tool: str) -> int:
+    """A seed per (run seed, tool, how many calls so far) so retries differ and reruns repeat."""
+    index = len(state.get("calls", []))
+    return (int(state.get("seed", 0)) * 1_000_003 + index * 7919 + sum(map(ord, tool))) % (2**32)
+
+
+# ------------------------------------------------------------------------------------------- finalize
+
+
+def finalize_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    """Choose the final image and mask, decide the status, and write the outputs to the run directory."""
+    cfg = Configuration.from_runnable_config(config)
+    if not state.get("images"):
+        raise ValueError("the run ended before it started: no normal image was stored")
+    chosen, status = choose_final(state, cfg)
+    update: dict[str, Any] = {"status": status}
+    if chosen is None:
+        update["result"] = write_outputs(state, cfg, chosen=None, status=status)
+        return update
+    masks = dict(state.get("masks") or {})
+    mask_by = "policy"
+    if str(chosen) not in masks:
+        # The policy stopped (or ran out of steps) before masking its best image: mask it here so
+        # every finished run has a mask, and say so in the result.
+        result = get_toolbox(cfg).mask.generate(_image(state, 1), _image(state, chosen))
+        masks[str(chosen)] = {
+            "mask_id": _store(state).put_mask(result.mask),
+            "box": list(result.box) if result.box else None,
+            "area_fraction": result.area_fraction,
+        }
+        mask_by = "finalize"
+        update["masks"] = masks
+    final_state: AgentState = {**state, "masks": masks}  # type: ignore[typeddict-item]
+    update["result"] = write_outputs(final_state, cfg, chosen=chosen, status=status, mask_by=mask_by)
+    return update
+
+
+def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str]:
+    """The image to return and the run's status.
+
+    success: the policy masked an image that passed QE. budget_exhausted: steps or image generations
+    ran out; the best-scored image is returned. policy_error: the policy could not answer (endpoint
+    down, model failed); the best image so far, if any, is returned. incomplete: the policy stopped early
+    without a passing, masked image. failed: no image was generated at all.
+    """
+    policy_failed = state.get("status") == "policy_error"
+    generations = state.get("generations") or {}
+    if not generations:
+        return None, "policy_error" if policy_failed else "failed"
+    evaluations = state.get("evaluations") or {}
+    masks = state.get("masks") or {}
+    passed_and_masked = [int(k) for k in masks if evaluations.get(k, {}).get("passed")]
+    if passed_and_masked:
+        return max(passed_and_masked), "success"
+    if evaluations:
+        best = int(max(evaluations, key=lambda k: (evaluations[k]["location"] + evaluations[k]["quality"], int(k))))
+    else:
+        best = max(int(k) for k in generations)
+    if policy_failed:
+        return best, "policy_error"
+    out_of_budget = (
+        state.get("status") == "budget_exhausted"
+        or state.get("steps", 0) >= cfg.max_steps
+        or state.get("image_gens", 0) >= cfg.max_image_gens
+    )
+    return best, "budget_exhausted" if out_of_budget else "incomplete"

@@ -1,0 +1,120 @@
+"""Tool backends chosen by configuration, built once per process.
+
+Why cached: backends hold loaded models (the embedder, later diffusion pipelines and SAM); a graph
+node runs many times per process, and loading per call would dominate the run time. The cache key is
+the part of the configuration that decides what gets built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, NamedTuple
+
+from graph.configuration import Configuration, ConfigurationError
+from tools.image_gen import ProceduralEngine
+from tools.knowledge.store import KnowledgeStore
+from tools.mask_gen import ChangeMaskGenerator
+from tools.prompt_gen import TemplatePromptGenerator
+from tools.quality_eval import MetricJudge
+from tools.types import ImageGenerator, KnowledgeRetriever, MaskGenerator, PromptGenerator, QualityJudge
+
+if TYPE_CHECKING:
+    from tools.llm_client import ChatClient
+
+
+@dataclass(frozen=True)
+class Toolbox:
+    """One backend per tool."""
+
+    prompt: PromptGenerator
+    image: ImageGenerator
+    judge: QualityJudge
+    knowledge: KnowledgeRetriever
+    mask: MaskGenerator
+
+
+class Endpoint(NamedTuple):
+    """An OpenAI-compatible endpoint for an LLM-backed tool (hashable, so it can key the cache)."""
+
+    base_url: str
+    model: str | None
+    api_key: str
+    timeout_s: float
+    max_retries: int
+
+    def client(self, purpose: str) -> ChatClient:
+        from tools.llm_client import ChatClient  # the openai client is slow to import; only when used
+
+        return ChatClient(base_url=self.base_url, model=self.model, api_key=self.api_key, timeout_s=self.timeout_s,
+                          max_retries=self.max_retries, purpose=purpose)
+
+
+def tool_endpoint(config: Configuration, tool: str) -> Endpoint:
+    """The endpoint of PG-LLM (`tool` "prompt") or QE-VLM ("judge").
+
+    ``<tool>_base_url`` wins; otherwise the policy's ``base_url``. The model is ``<tool>_model``, else
+    the policy's model when the tool shares the openai policy's server, else the server's first model.
+    """
+    own_url = getattr(config, f"{tool}_base_url")
+    base_url = own_url or config.base_url
+    if not base_url:
+        backend = "prompt_backend llm" if tool == "prompt" else "judge_backend vlm"
+        raise ConfigurationError(f"{backend} needs an endpoint: set {tool}_base_url (or base_url)")
+    model = getattr(config, f"{tool}_model") or (config.model if not own_url and config.policy == "openai" else None)
+    return Endpoint(base_url, model, config.api_key, config.request_timeout_s, config.max_retries)
+
+
+def get_toolbox(config: Configuration) -> Toolbox:
+    """The toolbox for `config`, shared by every run in this process with the same backend settings."""
+    return _build(
+        config.prompt_backend,
+        config.image_backend,
+        config.judge_backend,
+        config.knowledge_backend,
+        config.mask_backend,
+        config.pass_location,
+        config.pass_quality,
+        config.kb_path,
+        tool_endpoint(config, "prompt") if config.prompt_backend == "llm" else None,
+        tool_endpoint(config, "judge") if config.judge_backend == "vlm" else None,
+        config.prompt_temperature,
+        config.judge_attempts,
+    )
+
+
+@lru_cache(maxsize=8)
+def _build(
+    prompt_backend: str,
+    image_backend: str,
+    judge_backend: str,
+    knowledge_backend: str,
+    mask_backend: str,
+    pass_location: float,
+    pass_quality: float,
+    kb_path: str | None,
+    prompt_endpoint: Endpoint | None = None,
+    judge_endpoint: Endpoint | None = None,
+    prompt_temperature: float = 0.7,
+    judge_attempts: int = 2,
+) -> Toolbox:
+    # The Literal types in Configuration reject unknown backend names.
+    del image_backend, knowledge_backend, mask_backend
+    prompt: PromptGenerator = TemplatePromptGenerator()
+    if prompt_backend == "llm" and prompt_endpoint is not None:
+        from tools.prompt_gen_llm import LLMPromptGenerator
+
+        prompt = LLMPromptGenerator(prompt_endpoint.client("PG"), temperature=prompt_temperature)
+    judge: QualityJudge = MetricJudge(pass_location=pass_location, pass_quality=pass_quality)
+    if judge_backend == "vlm" and judge_endpoint is not None:
+        from tools.quality_eval_vlm import VLMJudge
+
+        judge = VLMJudge(judge_endpoint.client("judge"), pass_location=pass_location, pass_quality=pass_quality,
+                         attempts=judge_attempts)
+    return Toolbox(
+        prompt=prompt,
+        image=ProceduralEngine(),
+        judge=judge,
+        knowledge=KnowledgeStore(kb_path),
+        mask=ChangeMaskGenerator(),
+    )

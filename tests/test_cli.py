@@ -1,0 +1,94 @@
+"""The command line: outputs on the happy path, one clear line on every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graph.cli import main
+
+
+def _synthesize(image, out, category="metal_nut", anomaly_type="scratch", *extra):
+    return main(["synthesize", "--image", str(image), "--category", category, "--anomaly-type", anomaly_type, "--out", str(out), *extra])
+
+
+def test_synthesize_writes_outputs_and_prints_one_json_line(sample_dir, tmp_path, capsys):
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    assert _synthesize(image, tmp_path / "out", "metal_nut", "scratch", "--seed", "4") == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] in ("success", "budget_exhausted")
+    assert set(line) >= {"status", "score", "steps", "seconds"}
+    for name in ("anomaly.png", "mask.png", "trajectory.json"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def _odd_images(tmp_path: Path, sample: Path) -> dict[str, Path]:
+    rgb = np.asarray(Image.open(sample).convert("RGB"))
+    files = {}
+    files["rgba"] = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 200, np.uint8)]), "RGBA").save(files["rgba"])
+    files["palette"] = tmp_path / "palette.png"
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(files["palette"])
+    files["gray16"] = tmp_path / "gray16.png"
+    Image.fromarray((rgb.mean(axis=2) * 257).astype(np.uint16)).save(files["gray16"])
+    files["gray"] = tmp_path / "gray.png"
+    Image.fromarray(rgb).convert("L").save(files["gray"])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["rgba", "palette", "gray16", "gray"])
+def test_odd_but_valid_images_are_converted_and_run(sample_dir, tmp_path, capsys, kind):
+    image = _odd_images(tmp_path, sorted((sample_dir / "metal_nut").glob("*.png"))[0])[kind]
+    assert _synthesize(image, tmp_path / "out") == 0
+    out = Image.open(tmp_path / "out" / "anomaly.png")
+    assert out.mode == "RGB" and out.size == Image.open(image).size
+
+
+def _bad_inputs(tmp_path: Path, sample: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    return {
+        "corrupt": ([str(corrupt), "metal_nut", "scratch"], "corrupt.png"),
+        "tiny": ([str(tiny), "metal_nut", "scratch"], "at least 16 px"),
+        "missing": ([str(tmp_path / "nope.png"), "metal_nut", "scratch"], "not found"),
+        "unknown category": ([str(sample), "metal_nutt", "scratch"], "metal_nut"),
+        "unknown type": ([str(sample), "metal_nut", "scrach"], "scratch"),
+    }
+
+
+@pytest.mark.parametrize("case", ["corrupt", "tiny", "missing", "unknown category", "unknown type"])
+def test_bad_inputs_give_one_clear_line_and_exit_code_2(sample_dir, tmp_path, capsys, case):
+    sample = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    (image, category, anomaly_type), expected = _bad_inputs(tmp_path, sample)[case]
+    assert _synthesize(image, tmp_path / "out", category, anomaly_type) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("anomaly-agent: error:") and expected in err[0]
+    assert not (tmp_path / "out" / "anomaly.png").exists()
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    cli = Path(sys.executable).with_name("anomaly-agent")
+    proc = subprocess.run(
+        [str(cli), "synthesize", "--image", str(corrupt), "--category", "tile", "--anomaly-type", "crack", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_kb_list_shows_every_mvtec_category(capsys):
+    assert main(["kb", "list", "--dataset", "mvtec_ad"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 15
+    assert sum(len(line.split("\t")[3].split(", ")) for line in lines) == 73
