@@ -1,0 +1,238 @@
+"""A transformers causal LM on the CPU: chat rendering with tools, and generation with token ids and logprobs.
+
+Why one place: `LocalPolicy` (in-process) and `anomaly-agent serve-policy` (over HTTP) must produce the
+same text for the same conversation, or an evaluation through the server would measure a different
+policy than the one trained and run locally. Both call `LocalModel.generate`.
+
+Models are cached per resolved path (loading SmolLM2 takes seconds; a run asks the policy ~10 times).
+Generation holds a lock: one model, one generation at a time (the server's threads queue on it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from graph.policies.base import PolicyError
+from graph.policies.chat import flatten_content, hermes_system_block, render_tool_call
+from graph.policies.chat_template import template_supports_tools
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """One generated reply.
+
+    Attributes:
+        text: The decoded reply, without the end-of-turn token and without a matched stop string.
+        token_ids: Every generated token id, as sampled (including a stop string's tokens and the
+            end-of-turn token), so training can use exactly what the policy produced.
+        logprobs: Per generated token, its log-probability under the model's raw distribution
+            (temperature 1, no top-k/top-p), as vLLM reports by default. Empty unless asked for.
+        tokens: Per generated token, its decoded text (for OpenAI-style logprobs).
+        prompt_token_ids: The rendered prompt's ids.
+        finish_reason: "stop" (end of turn or a stop string) or "length" (hit max_new_tokens).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+
+class LocalModel:
+    """A loaded tokenizer and causal LM, ready to render chats and generate."""
+
+    def __init__(self, path: Path, tokenizer: Any, model: Any) -> None:
+        self.path = path
+        self.tokenizer = tokenizer
+        self.model = model
+        self.supports_tools = template_supports_tools(getattr(tokenizer, "chat_template", None))
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self._lock = threading.Lock()
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(int(tokenizer.eos_token_id))
+        if not eos_ids:
+            raise PolicyError(f"model {path} defines no end-of-sequence token; set eos_token in its tokenizer")
+        self.eos_ids = sorted(eos_ids)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        """The prompt ids for `messages` (OpenAI format) and `tools`, ending with the assistant's turn."""
+        messages = flatten_content(messages)
+        if tools and not self.supports_tools:
+            messages = render_without_tool_template(messages, tools)
+            tools = None
+        else:
+            messages = [_arguments_as_objects(m) for m in messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=True)
+        except Exception as error:  # jinja errors are many types; the message is what matters
+            raise PolicyError(f"the chat template of {self.path} cannot render this conversation: {error}") from error
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def generate(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        temperature: float = 0.0,
+        max_new_tokens: int = 256,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+    ) -> Generation:
+        """Generate one reply; greedy when `temperature` is 0, else plain sampling (no top-k/top-p).
+
+        Raises:
+            PolicyError: the conversation does not fit the model's context.
+        """
+        import torch
+
+        prompt = self.render(messages, tools)
+        if self.context_length and len(prompt) + 1 > self.context_length:
+            raise PolicyError(
+                f"the conversation ({len(prompt)} tokens) does not fit the context of {self.name} "
+                f"({self.context_length} tokens); lower max_steps or use a model with a longer context"
+            )
+        if self.context_length:
+            max_new_tokens = max(1, min(max_new_tokens, self.context_length - len(prompt)))
+        options: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.eos_ids,
+            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0],
+            "return_dict_in_generate": True,
+            "output_logits": logprobs,
+        }
+        if temperature > 0:
+            options.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+        else:
+            options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if stop:
+            options.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        input_ids = torch.tensor([prompt], dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
+        new_ids = [int(i) for i in output.sequences[0, len(prompt):].tolist()]
+        result = self._decode(new_ids, prompt, stop, max_new_tokens)
+        if logprobs:
+            steps = torch.stack([step[0] for step in output.logits[: len(new_ids)]]).float()
+            chosen = torch.log_softmax(steps, dim=-1).gather(1, torch.tensor(new_ids).unsqueeze(1)).squeeze(1)
+            result.logprobs = [float(v) for v in chosen.tolist()]
+            result.tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in new_ids]
+        return result
+
+    def _decode(self, ids: list[int], prompt: list[int], stop: list[str] | None, limit: int) -> Generation:
+        # Keep special tokens: a tokenizer with <tool_call> as a special token would lose it otherwise.
+        body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        finish = "stop" if len(body) < len(ids) else "length"
+        for word in stop or []:
+            at = text.find(word)
+            if at >= 0:
+                text, finish = text[:at], "stop"
+        if finish == "length" and len(ids) < limit:
+            finish = "stop"
+        return Generation(text=text, token_ids=ids, prompt_token_ids=list(prompt), finish_reason=finish)
+
+
+def render_without_tool_template(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A conversation rewritten for a template that ignores tools, in the Hermes layout.
+
+    The tool schemas go to the end of the system message, assistant calls become ``<tool_call>`` text,
+    and tool results become a user turn of ``<tool_response>`` blocks (consecutive results share one).
+    """
+    block = hermes_system_block(tools)
+    out: list[dict[str, Any]] = []
+    if messages and messages[0]["role"] == "system":
+        out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{block}"})
+        messages = messages[1:]
+    else:
+        from graph.policies.chat_template import DEFAULT_SYSTEM
+
+        out.append({"role": "system", "content": f"{DEFAULT_SYSTEM}\n\n{block}"})
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "assistant":
+            parts = [content] if content else []
+            for call in message.get("tool_calls") or []:
+                function = call.get("function", call)
+                parts.append(render_tool_call(function["name"], function.get("arguments")))
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        elif role == "tool":
+            response = f"<tool_response>\n{content}\n</tool_response>"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + response
+            else:
+                out.append({"role": "user", "content": response, "_tool": True})
+        else:
+            out.append({"role": role, "content": content})
+    return [{k: v for k, v in m.items() if k != "_tool"} for m in out]
+
+
+def _arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """HF templates render ``arguments | tojson``; a JSON string would be quoted twice, so decode it."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = dict(call.get("function", {}))
+        if isinstance(function.get("arguments"), str):
+            try:
+                function["arguments"] = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                pass
+        calls.append({**call, "function": function})
+    return {**message, "tool_calls": calls}
+
+
+def load_local_model(path: str | Path | None) -> LocalModel:
+    """The model at `path` (a local HF folder), or the default SmolLM2 when None; cached per path.
+
+    Raises:
+        PolicyError: the folder does not exist or does not hold a causal LM and its tokenizer.
+    """
+    if path is None:
+        from graph.policies.smollm2 import ensure_smollm2
+
+        path = ensure_smollm2()
+    return _load(str(Path(path).expanduser().resolve()))
+
+
+@lru_cache(maxsize=2)
+def _load(path: str) -> LocalModel:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise PolicyError(
+            f"no model at {folder}: give a local Hugging Face model folder (config.json, weights, tokenizer), "
+            "or leave the model unset to use the bundled SmolLM2-135M-Instruct"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="float32")
+    except (OSError, ValueError) as error:
+        raise PolicyError(f"could not load the model at {folder}: {str(error).splitlines()[0]}") from error
+    if not getattr(tokenizer, "chat_template", None):
+        raise PolicyError(f"the tokenizer at {folder} has no chat template; use an instruct/chat model")
+    model.eval()
+    logger.info("loaded %s (%.0fM parameters)", folder, sum(p.numel() for p in model.parameters()) / 1e6)
+    return LocalModel(folder, tokenizer, model)

