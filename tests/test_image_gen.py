@@ -297,3 +297,131 @@ def test_rejects_non_rgb_input() -> None:
             np.zeros((32, 32), np.uint8),
             GenerationRequest(prompt="a scratch", category="wood", anomaly_type="scratch"),
         )
+
+
+# ------------------------------------------------------------------ every catalog type, region steering
+
+
+def _catalog_render(category: str, anomaly_type: str, seed: int, size: int = 160):
+    from evals.synth import normal_for, synthesize
+    from tools.prompt_gen import TemplatePromptGenerator
+
+    normal = normal_for(category, seed % 2, size=size, seed=1)
+    return normal, synthesize(ENGINE, TemplatePromptGenerator(), category, anomaly_type, normal, seed=seed)
+
+
+def test_every_mvtec_and_visa_type_renders_a_visible_defect_on_the_object() -> None:
+    """All catalog pairs: a non-empty region on the product whose change stands out from the surface."""
+    from tools.image_gen.blending import texture_contrast
+    from tools.knowledge.catalog import load_catalog
+
+    failures = []
+    for k, (category, anomaly_type) in enumerate(load_catalog().pairs()):
+        normal, syn = _catalog_render(category, anomaly_type, seed=k)
+        region = syn.result.region
+        fg = ENGINE.foreground(normal, syn.is_texture)
+        change = _change(normal, syn.result.image)
+        if region.sum() < 8:
+            failures.append((category, anomaly_type, "empty region"))
+            continue
+        if (region & ndi.binary_dilation(fg, iterations=2)).sum() < 0.97 * region.sum():
+            failures.append((category, anomaly_type, "off the object"))
+        # Visible: the typical change is at least as strong as the surface's own spread around it
+        # (deformations and transplants move the surface's own pixels, so half of that suffices).
+        need = 0.4 if syn.entry.family in ("deformation", "texture", "missing") else 0.75
+        contrast = texture_contrast(normal.astype(np.float32), region.astype(np.float32))
+        if np.percentile(change[region], 75) < need * contrast:
+            failures.append((category, anomaly_type, f"faint: {np.percentile(change[region], 75):.1f} < {need * contrast:.1f}"))
+    assert not failures, failures
+
+
+def test_every_knowledge_base_sub_region_has_a_placement_rule() -> None:
+    from tools.image_gen.params import RULES, region_rule
+    from tools.knowledge.catalog import load_catalog
+
+    regions = {e.region for e in load_catalog().entries() if e.region}
+    missing = sorted(r for r in regions if region_rule(r) not in RULES)
+    assert not missing, f"add these to tools/image_gen/types.yaml regions: {missing}"
+
+
+def test_sub_regions_steer_placement(images) -> None:
+    """"end" puts a capsule defect at one of its ends, "rim" on the outline band, "middle" in the centre."""
+    img = images["capsule"]
+    fg = ENGINE.foreground(img, False)
+    ys, xs = np.nonzero(fg)
+    pts = np.stack([xs, ys], axis=1).astype(float)
+    axis = np.linalg.svd(pts - pts.mean(0), full_matrices=False)[2][0]
+    t = (pts - pts.mean(0)) @ axis
+    depth = ndi.distance_transform_edt(np.pad(fg, 1))[1:-1, 1:-1]
+    for seed in range(3):
+        def at(region: str, shape: str = "stain") -> tuple[float, float]:
+            req = GenerationRequest(prompt=f"Add one small dark {shape}", category="capsule", anomaly_type=shape,
+                                    default_shape=shape, region=region, seed=seed)
+            res = ENGINE.generate(img, req)
+            assert res.info["region_rule"] is not None
+            return _centroid(res.region)
+
+        cx, cy = at("end")
+        tc = (np.array([cx, cy]) - pts.mean(0)) @ axis
+        assert abs(tc) > 0.45 * (t.max() - t.min()) / 2
+        cx, cy = at("middle")
+        assert abs((np.array([cx, cy]) - pts.mean(0)) @ axis) < 0.5 * (t.max() - t.min()) / 2
+        rx, ry = at("rim", "chip")
+        assert depth[int(round(ry)), int(round(rx))] <= 0.15 * np.sqrt(fg.sum())
+
+
+def test_per_type_parameters_come_from_types_yaml() -> None:
+    from tools.image_gen.params import type_params
+
+    assert type_params("metal_nut", "color").extent > 1.2
+    assert type_params("carpet", "color").extent == 1.0  # no entry: defaults
+
+
+def test_bent_at_the_outline_turns_a_whole_flap_not_a_smudge(images) -> None:
+    """A bent tab is a sizeable area that turned lighter or darker as a whole, with a crease, at the rim."""
+    img = images["metal_nut"]
+    res = _gen(img, "Add one medium dark bent with sharp edges, medium contrast, in the edge of the metal nut",
+               "metal_nut", seed=3, shape="bent")
+    assert res.info["defects"][0]["mode"] == "outline"
+    region = res.region
+    assert region.sum() > 150
+    lum = lambda a: a.astype(np.float32) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    shift = (lum(res.image) - lum(img))[region]
+    assert abs(np.median(shift)) > 20 and (np.sign(shift) == np.sign(np.median(shift))).mean() > 0.8
+
+
+def test_fold_is_one_crease_between_a_lit_and_a_shaded_facet(images) -> None:
+    img = images["capsule"]
+    res = _gen(img, "Add one medium dark fold with soft edges, medium contrast, in the center", "capsule", seed=2, shape="fold")
+    lum = lambda a: a.astype(np.float32) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    d = (lum(res.image) - lum(img))[res.region]
+    # Both a brighter and a darker facet, each a real part of the defect (not one dark double line).
+    assert (d > 8).mean() > 0.15 and (d < -8).mean() > 0.15
+
+
+def test_a_named_colour_stain_keeps_the_surface_texture_under_it(images) -> None:
+    img = images["tile"]
+    res = _gen(img, "Add one large red stain with sharp edges, high contrast", "tile", seed=1)
+    lum = lambda a: a.astype(np.float32) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    inner = ndi.binary_erosion(res.region, iterations=3)
+    hp = lambda a: lum(a) - ndi.gaussian_filter(lum(a), 1.5)  # noqa: E731
+    assert hp(res.image)[inner].std() > 0.6 * hp(img)[inner].std()
+
+
+def test_info_holds_only_plain_python_values(images) -> None:
+    """The info goes into checkpoints (msgpack) and JSON: no numpy scalars anywhere in it."""
+    for shape in ("bent", "squeeze", "fold", "misplaced", "stain", "oil", "chip", "hole", "crack"):
+        res = _gen(images["metal_nut"], f"Add one medium {shape} in the edge", "metal_nut", seed=1, shape=shape)
+
+        def walk(v):
+            if isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+            else:
+                assert not isinstance(v, np.generic), (shape, v)
+
+        walk(res.info)
+        json.dumps(res.info)

@@ -3,9 +3,9 @@
 Why metrics and not a model: offline on a CPU there is no VLM to ask, but the ways an edit fails are
 measurable. The judge finds what changed (the same change mask MG uses) and then asks:
 
-* location (0–5): is the change on the object, of a plausible size for this defect, in the part of the
-  object the instruction (or the knowledge base's sub-region) names, and one defect rather than changes
-  scattered over the image?
+* location (0–5): is the change on the object, of a plausible size for the instruction's size word, in
+  the part of the object its position word names, and one defect rather than changes scattered over the
+  image?
 * quality (0–5): does it stand out from the surface's own texture (pixel contrast against the local
   texture, and the distance in ImageNet CNN features, `tools.features`), without garish colour or
   clipping, without a hard pasted seam, keeping the surface texture under it, and with nothing changed
@@ -37,17 +37,13 @@ from tools.vocabulary import COLOURS, CONTRASTS, SIZES, DefectSpec, Fix, find_sh
 
 logger = logging.getLogger(__name__)
 
-#: Where a knowledge-base sub-region puts a defect (kept in step with the engine's placement).
-_EDGE_REGIONS = {"rim", "edge", "border", "outer", "lip", "thread", "perimeter", "corner", "end", "tip", "lead", "pin", "teeth", "bristles", "seam", "wick", "tab"}
-_CENTRE_REGIONS = {"centre", "center", "middle", "inner", "interior", "body"}
-
 #: Families whose edges should fade (stains, transplanted texture, warps); lines, holes and broken
 #: parts have crisp edges by nature.
 _SOFT_FAMILIES = {"blob", "texture", "deformation"}
 #: Shapes of a soft family that are cut out as a block (a shifted or mirrored piece): crisp like a line.
-_CRISP_SHAPES = {"misplaced", "flip"}
+_CRISP_SHAPES = {"misplaced", "flip", "contamination"}
 #: Families whose inside keeps the surface texture (changed in tone, not replaced).
-_TEXTURE_KEEPING = {"blob", "line", "hole"}
+_TEXTURE_KEEPING = {"blob", "line", "hole", "deformation"}
 
 #: Largest plausible area of one defect relative to the object, per size word (textures: the frame).
 _MAX_AREA = {"tiny": 0.012, "small": 0.025, "medium": 0.05, "large": 0.09}
@@ -217,7 +213,7 @@ class MetricJudge:
         # scattered change.
         # Group the changed pixels that lie close together (a warped or mirrored patch changes in
         # fragments), keep the largest `count` groups as the defect, and call the rest stray.
-        gap = max(reach, int(round(0.04 * facts["diameter"])))
+        gap = max(reach, int(round(0.06 * facts["diameter"])))
         _, n = ndi.label(mask, structure=np.ones((3, 3)))
         groups, n_groups = ndi.label(ndi.binary_dilation(mask, iterations=gap), structure=np.ones((3, 3)))
         sizes = ndi.sum(mask, groups, index=np.arange(1, n_groups + 1))
@@ -235,20 +231,25 @@ class MetricJudge:
         d["on_object"] = float((defect & facts["fg_near"]).sum() / area)
         d["edge_distance"] = float(np.median(facts["depth"][defect]) / facts["diameter"])
         d["position_ok"] = float(_centroid_matches(defect, fg, spec.position))
-        # Visibility against the surface's own spread: the colour difference (CIE ΔE, so a hue change
-        # counts as much as a brightness change) over the spread of the surface's luminance around it.
+        # Visibility: the change against the surface's own spread around it, apart for lightness and for
+        # hue (a dye shows on a busy texture whose lightness pattern would hide a darkening).
         ring = ndi.binary_dilation(defect, iterations=6) & ~ndi.binary_dilation(defect, iterations=2) & fg
+        if ring.sum() <= 8:
+            ring = fg
         luma = facts["luma"]
-        surface_std = float(np.std(luma[ring])) if ring.sum() > 8 else float(np.std(luma[fg]))
+        lab_n = facts["lab"]
+        surface_l = float(np.std(lab_n[..., 0][ring]))
+        surface_c = float(np.sqrt(np.var(lab_n[..., 1][ring]) + np.var(lab_n[..., 2][ring])))
         strength = float(np.percentile(diff[defect], 75))
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         lab_e = color.rgb2lab(edited[y0:y1, x0:x1]).astype(np.float32)
         sub = defect[y0:y1, x0:x1]
-        delta_e = np.sqrt(((lab_e - facts["lab"][y0:y1, x0:x1]) ** 2).sum(axis=2))[sub]
-        strength_e = float(np.percentile(delta_e, 75))
-        d.update(strength=strength, strength_e=strength_e, surface_std=surface_std,
-                 visibility=strength_e / (0.4 * (surface_std + 5.0)))
-        # Colour: how far the defect's chroma goes beyond the product's own, and clipped pixels.
+        dlab = (lab_e - lab_n[y0:y1, x0:x1])[sub]
+        d_l = float(np.percentile(np.abs(dlab[:, 0]), 75))
+        d_c = float(np.percentile(np.hypot(dlab[:, 1], dlab[:, 2]), 75))
+        d.update(strength=strength, surface_std=surface_l, surface_chroma_std=surface_c,
+                 visibility_l=d_l / (surface_l + 2.0), visibility_c=d_c / (surface_c + 8.0))
+        d["visibility"] = max(d["visibility_l"], d["visibility_c"])
         chroma_e = np.hypot(lab_e[..., 1], lab_e[..., 2])[sub]
         d["chroma"] = float(np.percentile(chroma_e, 90))
         d["chroma_excess"] = d["chroma"] - max(facts["chroma_ref"], _named_chroma(spec.colour), 30.0)
@@ -260,7 +261,6 @@ class MetricJudge:
         d["clipped"] = float((clipped_e & ~clipped_n).any(axis=1).mean())
         # A product with clipped highlights of its own may show them moved or widened by a defect.
         d["clipped_normal"] = facts["clipped"]
-        d["range_ratio"] = strength / (float(np.percentile(luma[fg], 99) - np.percentile(luma[fg], 1)) + 10.0)
         # Seam: the change's profile across the outline. A faded edge changes half as much one pixel
         # inside as deep inside, and something just outside; a pasted edge jumps from nothing to all.
         inner = ndi.distance_transform_edt(defect)
@@ -282,11 +282,6 @@ class MetricJudge:
                 d["texture_kept"] = float(np.std(hp_e[interior])) / sn * brightness
                 a, b = hp_n[interior], hp_e[interior]
                 d["texture_corr"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
-        # Seam as an edge: the edited image's gradient on the outline against the normal's strong edges.
-        band = (inner > 0) & (inner <= 1.5) | (outer > 0) & (outer <= 1.5)
-        ge = np.hypot(*np.gradient(_luma(edited)))
-        gn = np.hypot(*np.gradient(luma))
-        d["seam_gradient"] = float(np.median(ge[band]) / (np.percentile(gn[fg], 90) + 4.0)) if band.any() else 0.0
         if self.use_features:
             d.update(self._feature_measures(normal, edited, defect, facts))
         return d
@@ -349,7 +344,7 @@ class MetricJudge:
         off = 1.0 - d["on_object"]
         if off > 0.03:
             target = "center" if spec.position in ("anywhere", "edge") else spec.position
-            out.append(_Finding("location", 5.0 * _ramp(off, 0.03, 0.25) + 0.5,
+            out.append(_Finding("location", 5.0 * _ramp(off, 0.02, 0.15) + 0.5,
                                 f"{100 * off:.0f}% of the defect lies off the object.",
                                 [Fix(attribute="position", value=target)]))
         size = spec.size if spec.size in _MAX_AREA else "medium"
@@ -376,14 +371,18 @@ class MetricJudge:
         # Visible: pixel contrast against the texture, or a clear change in CNN features.
         feat = d.get("feat_defect_1")
         vis = d["visibility"]
-        seen = _ramp(vis, 0.5, 1.0) if feat is None else 0.5 * (_ramp(vis, 0.5, 1.1) + _ramp(feat, 0.5, 1.0))
+        # Pixel contrast against the surface leads; the CNN's view adds texture masking (CNN features are
+        # unit-normalised, so blind to a pure hue change: they only support, never veto).
+        combined = vis if feat is None else 0.65 * vis + 0.35 * min(feat, vis + 0.5)
+        seen = _ramp(combined, 0.45, 0.95)
         if seen < 1.0:
             fixes = [Fix(attribute="contrast", value=step(CONTRASTS, spec.contrast, 1))]
             if spec.contrast == "high" or d["area_vs_object"] < 4 * MIN_AREA:
                 fixes.append(Fix(attribute="size", value=step(SIZES, spec.size, 1)))
-            out.append(_Finding("quality", 4.0 * (1.0 - seen), "Too faint: the defect barely stands out from the surface.", fixes))
+            out.append(_Finding("quality", 4.5 * (1.0 - seen), "Too faint: the defect barely stands out from the surface.", fixes))
         # Garish: colours far beyond the product's own, clipped pixels, a change beyond the image's range.
-        clip = _ramp(d["clipped"], 0.05, 0.25) if d.get("clipped_normal", 0.0) < 0.003 else 0.0
+        # (Moving a piece of the product may move its own clipped highlights: no clipping check there.)
+        clip = _ramp(d["clipped"], 0.05, 0.25) if spec.shape not in _CRISP_SHAPES - {"contamination"} else 0.0
         colour = min(_ramp(d["chroma_excess"], 5.0, 25.0), _ramp(d.get("chroma_gain", 99.0), 10.0, 25.0))
         garish = max(colour, clip)
         if garish > 0:
@@ -393,13 +392,14 @@ class MetricJudge:
         hard = d.get("hardness")
         if hard is not None:
             soft = spec.family in _SOFT_FAMILIES and spec.shape not in _CRISP_SHAPES
-            seam = _ramp(hard, 0.55, 0.8) if soft else _ramp(hard, 0.8, 0.95)
+            seam = _ramp(hard, 0.55, 0.8) if soft else _ramp(hard, 0.8, 0.92)
             if seam > 0:
                 out.append(_Finding("quality", 3.0 * seam + 0.5, "A hard pasted seam outlines the defect.",
                                     [Fix(attribute="softness", value="soft")]))
         kept = d.get("texture_kept")
-        if kept is not None and spec.family in _TEXTURE_KEEPING and d.get("texture_normal", 0) > 3.0:
-            flat = 1.0 - _ramp(kept, 0.15, 0.4)
+        if (kept is not None and spec.family in _TEXTURE_KEEPING and spec.shape not in _CRISP_SHAPES | {"glue"}
+                and d.get("texture_normal", 0) > 3.0):
+            flat = 1.0 - _ramp(kept, 0.2, 0.45)
             if flat > 0:
                 out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
                                     [Fix(attribute="softness", value="soft")]))

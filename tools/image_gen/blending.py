@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage import color
 
 from tools.vocabulary import COLOURS, DefectSpec
 
@@ -132,29 +133,48 @@ def change_luminance(image: np.ndarray, weight: np.ndarray, delta: float, sigma:
         f = np.clip((lm + delta) / lm, 0.04, 1.0)[..., None]
         out = img * (1.0 + w * (f - 1.0))
     else:
-        g = np.clip(delta / np.maximum(255.0 - lm, 1.0), 0.0, 0.97)[..., None]
+        g = np.clip(delta / np.maximum(255.0 - lm, 1.0), 0.0, 0.85)[..., None]
         out = img + (255.0 - img) * np.clip(w * g, 0.0, 1.0)
     return np.clip(out, 0, 255).astype(np.float32)
 
 
 def tint(image: np.ndarray, weight: np.ndarray, rgb: np.ndarray, sigma: float = 2.0) -> np.ndarray:
-    """Move towards `rgb` keeping the surface's shading and texture (the ratio to its local mean).
+    """Dye the surface towards `rgb`: its hue and chroma are taken over, its lightness pattern is kept.
+
+    Why in Lab: a real stain or paint colours the surface under it; every grain, scratch and shading
+    gradient of the surface still shows through. Replacing the colour and scaling only the finest texture
+    (as a flat fill with a shading ratio does) reads as a sticker. Here the lightness keeps all of its
+    variation and only its mean moves half-way towards the colour's lightness; a and b move to the
+    colour's.
 
     Args:
         image: float32 RGB 0..255.
         weight: (H, W) blend weight in [0, 1].
         rgb: Target colour (3,).
-        sigma: Scale of the local mean that separates texture from base colour.
+        sigma: Unused; kept for callers that pass the old texture scale.
 
     Returns:
         float32 RGB.
     """
-    img = np.asarray(image, np.float32)
-    lum = luminance(img)
-    shading = np.clip(lum / np.maximum(local_mean(lum, sigma), 1.0), 0.4, 1.8)[..., None]
-    target = np.clip(rgb[None, None, :] * shading, 0, 255)
-    w = np.clip(weight, 0.0, 1.0)[..., None]
-    return (img + w * (target - img)).astype(np.float32)
+    del sigma
+    img = np.clip(np.asarray(image, np.float32), 0, 255)
+    w = np.clip(weight, 0.0, 1.0)
+    if not (w > 0.01).any():
+        return img.copy()
+    ys, xs = np.nonzero(w > 0.01)
+    win = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    lab = color.rgb2lab(img[win] / 255.0)
+    target = color.rgb2lab(np.asarray(rgb, np.float32).reshape(1, 1, 3) / 255.0)[0, 0]
+    ww = w[win]
+    inside = ww >= 0.5
+    mean_l = float(lab[..., 0][inside].mean()) if inside.any() else float(lab[..., 0].mean())
+    out = lab.copy()
+    out[..., 0] = lab[..., 0] + ww * 0.55 * (target[0] - mean_l)
+    out[..., 1] = lab[..., 1] + ww * (target[1] - lab[..., 1])
+    out[..., 2] = lab[..., 2] + ww * (target[2] - lab[..., 2])
+    result = img.copy()
+    result[win] = np.clip(color.lab2rgb(out) * 255.0, 0, 255)
+    return result.astype(np.float32)
 
 
 def composite(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -192,6 +212,24 @@ def surface_change(
     }
 
 
+def texture_contrast(image: np.ndarray, alpha: np.ndarray) -> float:
+    """How strong a change must be to stand out from the surface around a defect, in levels.
+
+    The spread (standard deviation) of the surface's luminance in a ring around the defect, plus 5
+    levels: a change of that size is as strong as the surface's own swings, so it reads as something
+    on the surface rather than part of its pattern. QE's visibility check uses the same scale.
+    """
+    core = alpha >= 0.5
+    if core.sum() < 3:
+        return 0.0
+    ring = ndi.binary_dilation(core, iterations=6) & ~ndi.binary_dilation(core, iterations=2)
+    if ring.sum() < 8:
+        ring = ~core
+    if ring.sum() < 8:
+        return 0.0
+    return float(luminance(image)[ring].std()) + 5.0
+
+
 def ensure_visible(
     before: np.ndarray, after: np.ndarray, alpha: np.ndarray, minimum: float = MIN_VISIBLE
 ) -> tuple[np.ndarray, float]:
@@ -218,7 +256,13 @@ def ensure_visible(
     if strength >= minimum:
         return after, 1.0
     gain = min(4.0, minimum / max(strength, 1e-3))
-    out = np.clip(before + diff * gain, 0, 255).astype(np.float32)
+    # Amplify within the colours already there (the surface's and the defect's own, with a little room):
+    # scaling a small hue shift up must not run off into a saturated primary.
+    lo = np.minimum(before.reshape(-1, 3).min(axis=0), after.reshape(-1, 3).min(axis=0)) - 25.0
+    hi = np.maximum(before.reshape(-1, 3).max(axis=0), after.reshape(-1, 3).max(axis=0)) + 25.0
+    out = np.clip(before + diff * gain, np.maximum(lo, 0), np.minimum(hi, 255))
+    # ...and never all the way to black or white: darken by at most 75%, lighten by at most 85% of the room.
+    out = np.clip(out, 0.25 * before, before + 0.85 * (255.0 - before)).astype(np.float32)
     strength = float(max_abs_diff(out, before)[inside].mean())
     if strength < minimum:
         lm = float(luminance(before)[inside].mean())

@@ -86,6 +86,26 @@ def _specular(
     return edge_alpha(hf, max(0.6, 0.35 * hr)) * edge_alpha(field - 1.0, 0.8)
 
 
+def _facing(canvas: Canvas, centre: tuple[float, float], width: float) -> np.ndarray:
+    """0..1 weight of the side of a blob that faces the light (1 on the light side, 0 on the far side)."""
+    yy, xx = np.mgrid[0 : canvas.shape[0], 0 : canvas.shape[1]].astype(np.float32)
+    dx, dy = xx - centre[0], yy - centre[1]
+    r = np.maximum(np.hypot(dx, dy), 1e-3)
+    cos = (dx * canvas.light[0] + dy * canvas.light[1]) / r
+    return np.clip((cos + width) / (1 + width), 0, 1).astype(np.float32)
+
+
+def _sheen(
+    canvas: Canvas, centre: tuple[float, float], radius: float, field: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A broad soft highlight band across the light-facing half of a glossy blob, inside it."""
+    lx, ly = canvas.light
+    hc = (centre[0] + lx * 0.35 * radius, centre[1] + ly * 0.35 * radius)
+    hf = blob_field(canvas.shape, hc, 0.55 * radius, rng, irregularity=0.1, harmonics=3, aspect=0.4,
+                    angle=float(np.arctan2(ly, lx) + np.pi / 2 + rng.normal(0, 0.3)))
+    return (edge_alpha(hf, max(1.0, 0.3 * radius)) * edge_alpha(field - 1.5, 1.0) * 0.55).astype(np.float32)
+
+
 def render_blob(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> Stamp:
     """Draw one blob defect of `spec.shape` on the canvas.
 
@@ -102,6 +122,9 @@ def render_blob(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     radius = extent / 2.0
     full_centre = sample_centre(canvas, radius * 1.1, rng)
     sigma = edge_sigma(spec.softness, radius)
+    if spec.softness == "sharp":
+        # Even a "sharp" stain is not cut out with scissors: its edge fades over a pixel or two.
+        sigma = max(sigma, 0.8 + 0.04 * radius)
     if shape == "discoloration":
         sigma = max(sigma, 0.2 * radius)
     box = canvas.around(full_centre, 1.9 * radius + 3.5 * sigma + 3)
@@ -150,8 +173,12 @@ def render_blob(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
         if rgb is not None:
             out = tint(out, alpha * TINT_STRENGTH[spec.contrast] * 0.7, rgb)
             ci["colour_rgb"] = rgb.astype(int).tolist()
-        spec_cov = _specular(sub, centre, radius, field, 0.22, rng)
-        out = change_luminance(out, spec_cov * 0.85, 0.6 * (255 - luma))
+        # A glossy film: a broad, soft sheen on the side facing the light (not a white dot), and a thin
+        # bright meniscus line along the lit edge.
+        sheen = _sheen(sub, centre, radius, field, rng)
+        out = change_luminance(out, sheen, 0.35 * (255 - luma))
+        rim = np.exp(-(((field - 0.8) / 0.8) ** 2)) * alpha * _facing(sub, centre, 0.6)
+        out = change_luminance(out, rim * 0.5, 0.3 * (255 - luma))
     elif shape == "glue":
         rgb = named_rgb(spec.colour)
         rgb = np.array([226, 206, 150], np.float32) if rgb is None else rgb

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools.foreground import estimate_foreground, foreground_diameter
-from tools.image_gen.blending import Stamp, ensure_visible, max_abs_diff
+from tools.image_gen.blending import MIN_VISIBLE, Stamp, ensure_visible, max_abs_diff, texture_contrast
 from tools.image_gen.blob import render_blob
 from tools.image_gen.deformation import render_deformation
 from tools.image_gen.hole import render_hole
@@ -30,9 +30,11 @@ from tools.image_gen.placement import (
     NotApplicable,
     foreground_depth,
     light_vector,
+    region_area,
     region_mask,
     region_position,
 )
+from tools.image_gen.params import region_rule, type_params
 from tools.image_gen.texture import render_texture
 from tools.types import GenerationRequest, GenerationResult
 from tools.vocabulary import DefectSpec, parse_instruction
@@ -70,6 +72,9 @@ VISIBLE_LEVEL = 5.0
 #: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
 #: same convention, so the two agree by design.
 RELATIVE_LEVEL = 0.5
+#: Coverage above which a pixel is part of the defect's support (context effects such as a scratch's
+#: lip or a strand's shadow stay below it by design).
+SUPPORT_ALPHA = 0.15
 #: Percentile of the substantial changes taken as the defect's typical change (same as MG's default).
 TYPICAL_PERCENTILE = 75.0
 
@@ -90,7 +95,9 @@ def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigm
     Returns:
         Bool mask over the window.
     """
-    core = alpha >= 0.5
+    # The defect's support is wherever it has some coverage; within it, the half-maximum of the change
+    # decides (a thin soft line never reaches full coverage, so a coverage cut at 0.5 would thin it).
+    core = alpha >= SUPPORT_ALPHA
     if not core.any():
         return core
     diff = ndi.gaussian_filter(max_abs_diff(after, before), sigma)
@@ -106,6 +113,17 @@ def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigm
         ndi.binary_closing(visible, ndi.generate_binary_structure(2, 1), border_value=0) & core | visible
     )
     return ndi.binary_fill_holes(visible)
+
+
+def _plain(value: Any) -> Any:
+    """`value` with numpy scalars turned into Python ones (the info goes into JSON and checkpoints)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class ProceduralEngine:
@@ -136,12 +154,16 @@ class ProceduralEngine:
             self._fg_cache.popitem(last=False)
         return entry
 
-    def generate(self, image: np.ndarray, request: GenerationRequest) -> GenerationResult:
+    def generate(
+        self, image: np.ndarray, request: GenerationRequest, *, foreground: np.ndarray | None = None
+    ) -> GenerationResult:
         """Draw the defect(s) the request's prompt describes.
 
         Args:
             image: uint8 RGB (H, W, 3), the normal image (not modified).
             request: Prompt (vocabulary instruction), category flags, default shape, region and seed.
+            foreground: Optional bool mask (H, W) to draw on instead of the estimated product (tests and
+                benchmarks use it to place defects deliberately off the object).
 
         Returns:
             `GenerationResult` with the edited uint8 image, `region` (bool: pixels that belong to a
@@ -162,19 +184,33 @@ class ProceduralEngine:
         spec = parse_instruction(request.prompt, default_shape=request.default_shape, region=request.region)
         rng = np.random.default_rng(request.seed)
         fg, depth = self._foreground(image, request.is_texture)
+        diameter = foreground_diameter(fg)  # sizes stay relative to the product even when drawn elsewhere
+        if foreground is not None:
+            fg = np.asarray(foreground, bool)
+            depth = foreground_depth(fg)
+        params = type_params(request.category, request.anomaly_type)
         position = spec.position
-        if position == "anywhere":
-            position = region_position(spec.region) or "anywhere"
-        allowed = region_mask(fg, position, rng)
+        rule = region_rule(spec.region) if position in ("anywhere", "edge") else None
+        if rule is not None:
+            # The knowledge base's sub-region steers placement; "edge" narrows it to the outline band.
+            allowed = region_area(fg, rule, rng, request.is_texture)
+            if position == "edge" and rule != "edge":
+                narrowed = allowed & region_mask(fg, "edge", rng)
+                allowed = narrowed if narrowed.sum() >= 20 else allowed
+        else:
+            if position == "anywhere":
+                position = region_position(spec.region) or "anywhere"
+            allowed = region_mask(fg, position, rng)
         canvas = Canvas(
             image=image.astype(np.float32),
             foreground=fg,
             allowed=allowed,
             occupied=np.zeros(fg.shape, bool),
             light=light_vector(rng),
-            diameter=foreground_diameter(fg),
+            diameter=diameter,
             depth=depth,
             is_texture=request.is_texture,
+            scale=params.extent,
         )
         info: dict[str, Any] = {
             "engine": "procedural",
@@ -182,6 +218,7 @@ class ProceduralEngine:
             "family": spec.family,
             "seed": request.seed,
             "position": position,
+            "region_rule": rule,
             "size": spec.size,
             "contrast": spec.contrast,
             "softness": spec.softness,
@@ -209,7 +246,18 @@ class ProceduralEngine:
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
-            out, gain = ensure_visible(before, stamp.image, stamp.alpha)
+            if params.strength != 1.0:
+                stamp.image = np.clip(before + (stamp.image - before) * params.strength, 0, 255).astype(np.float32)
+            # At least as strong as the surface's own spread, more so for stronger contrast words (so
+            # that the words stay ordered even where every one of them needed a boost).
+            factor = params.min_visibility * {"low": 0.85, "medium": 1.0, "high": 1.3}[draw_spec.contrast]
+            minimum = max(MIN_VISIBLE, factor * texture_contrast(before, stamp.alpha))
+            if draw_spec.family in ("blob", "line", "hole"):
+                out, gain = ensure_visible(before, stamp.image, stamp.alpha, minimum)
+            else:
+                # Moved or transplanted product and re-synthesised background: scaling their change
+                # up would invent colours; these renderers set their own strength.
+                out, gain = stamp.image, 1.0
             mine = defect_region(before, out, stamp.alpha)
             region[win] |= mine
             stamp.info["area_px"] = int(mine.sum())
@@ -226,7 +274,7 @@ class ProceduralEngine:
             logger.warning(
                 "the %s came out invisible (seed %d); the region is empty", spec.shape, request.seed
             )
-        return GenerationResult(image=edited, region=region, spec=spec, info=info)
+        return GenerationResult(image=edited, region=region, spec=spec, info=_plain(info))
 
     @staticmethod
     def _renderer_for(spec: DefectSpec) -> tuple[DefectSpec, Renderer, str | None]:

@@ -74,7 +74,7 @@ def apply_shading(image: np.ndarray, ratio: np.ndarray) -> np.ndarray:
     r = ratio[..., None]
     dark = image * np.minimum(r, 1.0)
     # Brightening scales like darkening (×r) until it runs out of headroom, then saturates softly.
-    lift = np.minimum(image * np.maximum(r - 1.0, 0.0), (255.0 - image) * 0.9)
+    lift = np.minimum(image * np.maximum(r - 1.0, 0.0), (255.0 - image) * 0.6)
     return np.where(r > 1.0, image + lift, dark).astype(np.float32)
 
 
@@ -126,7 +126,8 @@ def render_hole(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
         s = np.clip(field / max(radius, 1.0), 0, 1)
         height = -depth * (3 * s**2 - 2 * s**3)
         height = ndi.gaussian_filter(height, max(0.8, 0.08 * radius))
-        ratio = shade_from_height(height, canvas.light)
+        # Some ambient light reaches every slope: a dent's steep side is dark, never black.
+        ratio = 0.3 + 0.7 * shade_from_height(height, canvas.light)
         # A dent also darkens a little overall (it catches less of the diffuse light), which keeps
         # the whole bowl visible, not only its two slopes.
         occlusion = 1.0 - _DENT_OCCLUSION[spec.contrast] * (-height / max(depth, 1e-3))

@@ -103,6 +103,49 @@ def region_mask(foreground: np.ndarray, position: str, rng: np.random.Generator 
     return area if area.any() else fg.copy()
 
 
+def region_area(
+    foreground: np.ndarray, rule: str, rng: np.random.Generator | None = None, is_texture: bool = False
+) -> np.ndarray:
+    """The part of the foreground a sub-region placement rule (tools/image_gen/types.yaml) allows.
+
+    Args:
+        foreground: Bool product mask (H, W).
+        rule: One of `tools.image_gen.params.RULES`.
+        rng: Jitters the edge band's width, as in `region_mask`.
+        is_texture: Textures have no ends or sides; those rules then allow the whole surface.
+
+    Returns:
+        Bool mask (H, W) ⊆ foreground; the whole foreground when the rule leaves nothing.
+    """
+    fg = np.asarray(foreground, bool)
+    if rule in ("ends", "sides") and is_texture:
+        rule = "anywhere"
+    if rule in ("ends", "sides"):
+        ys, xs = np.nonzero(fg)
+        pts = np.stack([xs, ys], axis=1).astype(np.float64)
+        mean = pts.mean(axis=0)
+        _, _, vt = np.linalg.svd(pts - mean, full_matrices=False)
+        t = (pts - mean) @ vt[0]
+        lo, hi = t.min(), t.max()
+        span = max(hi - lo, 1.0)
+        ends = (t < lo + 0.22 * span) | (t > hi - 0.22 * span)
+        area = np.zeros_like(fg)
+        if rule == "ends":
+            area[ys[ends], xs[ends]] = True
+        else:
+            band = region_mask(fg, "edge", rng)
+            area[ys[~ends], xs[~ends]] = True
+            area &= band
+    elif rule == "interior":
+        depth = ndi.distance_transform_edt(np.pad(fg, 1))[1:-1, 1:-1]
+        area = fg & (depth >= 0.12 * foreground_diameter(fg) / 2)
+    elif rule == "anywhere":
+        area = fg.copy()
+    else:
+        area = region_mask(fg, rule, rng)
+    return area if area.any() else fg.copy()
+
+
 @dataclass
 class Canvas:
     """Everything a family renderer needs to know about where it may draw.
@@ -122,6 +165,7 @@ class Canvas:
         fg_soft: Coverage clip, 1 inside the product falling to 0 within ~1 px outside it.
         origin: (x0, y0) of this canvas in the full image; (0, 0) unless it is a crop.
         is_texture: True for texture categories (the whole frame is product, there is no background).
+        scale: Multiplier on every size word's extent (a per-type adjustment from types.yaml).
     """
 
     image: np.ndarray
@@ -134,6 +178,7 @@ class Canvas:
     fg_soft: np.ndarray = field(repr=False, default=None)  # type: ignore[assignment]
     origin: tuple[int, int] = (0, 0)
     is_texture: bool = False
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.depth is None:
@@ -147,7 +192,7 @@ class Canvas:
 
     def extent(self, size: str, rng: np.random.Generator) -> float:
         """Defect extent in pixels for a size word, jittered ±15%, at least 8 px (less is hardly visible)."""
-        return float(max(8.0, SIZE_EXTENT.get(size, 0.14) * self.diameter * rng.uniform(0.85, 1.15)))
+        return float(max(8.0, SIZE_EXTENT.get(size, 0.14) * self.scale * self.diameter * rng.uniform(0.85, 1.15)))
 
     def window(self, x0: float, y0: float, x1: float, y1: float) -> tuple[int, int, int, int]:
         """Integer box (x0, y0, x1, y1), x1/y1 exclusive, covering the given extent, clipped to the canvas."""
@@ -175,6 +220,7 @@ class Canvas:
             fg_soft=self.fg_soft[sl],
             origin=(self.origin[0] + x0, self.origin[1] + y0),
             is_texture=self.is_texture,
+            scale=self.scale,
         )
 
 

@@ -1,0 +1,302 @@
+"""Benchmark of QE's metric judge: does its score separate good edits from each way an edit goes wrong?
+
+Run: ``python -m evals.bench_qe [--per-kind 200] [--size 160] [--split test]``.
+
+Good edits are the embedded engine's defaults (PG's instruction for every MVTec-AD and VisA type, drawn
+by IG) on the bundled sample images. Bad edits start from a good one and break it in one way:
+
+* off_object: the same instruction drawn on the background or straddling the object's outline;
+* invisible: the change scaled down to 3–20% of its strength;
+* garish: the change recoloured in a saturated primary, or amplified 3–6x;
+* seamed: a hard-edged flat "sticker" of the defect's mean colour, a hard-edged patch cut from elsewhere
+  with a brightness offset, or a soft-edged defect composited with a binary alpha;
+* oversized: the change enlarged 2.5–4x about its centre;
+* outside: the good edit plus a global change (brightness, colour cast, contrast, blur or noise).
+
+The table gives, per kind, the AUROC of the judge's total score (location + quality) for good vs that
+kind, and the share of each that passes; the last line is the overall AUROC (good vs all bad).
+
+Honesty: the judge's thresholds were set on the "calibration" split (seeds from 0, sample images 0-1);
+the default "test" split uses other seeds and other sample images (2-3), never looked at while tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+KINDS = ("off_object", "invisible", "garish", "seamed", "oversized", "outside")
+SPLITS = {"calibration": (0, (0, 1)), "test": (100_000, (2, 3))}
+
+_GARISH = np.array([[255, 0, 0], [0, 255, 0], [255, 0, 255], [255, 255, 0], [0, 0, 255], [255, 110, 0]], np.float32)
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _change(normal: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    return edited.astype(np.float32) - normal.astype(np.float32)
+
+
+def _strength(delta: np.ndarray) -> np.ndarray:
+    """Relative strength 0..1 of a change per pixel (max over channels, over its 95th percentile)."""
+    mag = np.abs(delta).max(axis=2)
+    ref = float(np.percentile(mag[mag > 2], 95)) if (mag > 2).any() else 1.0
+    return np.clip(mag / max(ref, 1.0), 0, 1)
+
+
+# ------------------------------------------------------------------------------------------ breakers
+
+
+def off_object(ctx, rng: np.random.Generator) -> np.ndarray | None:
+    """The same instruction drawn on the background, or on a band straddling the object's outline."""
+    if ctx.is_texture:
+        return None
+    fg = ctx.engine.foreground(ctx.normal, False)
+    if rng.random() < 0.5:
+        area = ~ndi.binary_dilation(fg, iterations=3)
+    else:
+        width = max(3, int(0.06 * np.sqrt(fg.sum())))
+        area = ndi.binary_dilation(fg, iterations=width) & ~ndi.binary_erosion(fg, iterations=width)
+        area &= ~fg | (rng.random() < 0.5)
+    if area.sum() < 50:
+        return None
+    from tools.types import GenerationRequest
+
+    req = GenerationRequest(prompt=ctx.prompt, category=ctx.category, anomaly_type=ctx.anomaly_type,
+                            is_texture=False, default_shape=ctx.shape, region=None, seed=int(rng.integers(1 << 30)))
+    return ctx.engine.generate(ctx.normal, req, foreground=area).image
+
+
+def invisible(ctx, rng: np.random.Generator) -> np.ndarray:
+    """The change scaled down to near zero contrast: 3–20% of its strength and at most 3–9 levels."""
+    delta = _change(ctx.normal, ctx.edited)
+    mag = np.abs(delta).max(axis=2)
+    top = float(np.percentile(mag[mag > 2], 90)) if (mag > 2).any() else 1.0
+    return _u8(ctx.normal + delta * min(rng.uniform(0.03, 0.2), rng.uniform(3, 9) / max(top, 1.0)))
+
+
+def garish(ctx, rng: np.random.Generator) -> np.ndarray:
+    """The defect recoloured in a saturated primary, or its change amplified 3–6x and to 150+ levels."""
+    delta = _change(ctx.normal, ctx.edited)
+    if rng.random() < 0.6:
+        a = ndi.gaussian_filter(_strength(delta), 0.7)[..., None] * rng.uniform(0.85, 1.0)
+        colour = _GARISH[int(rng.integers(len(_GARISH)))]
+        return _u8(ctx.normal * (1 - a) + colour * a)
+    mag = np.abs(delta).max(axis=2)
+    top = float(np.percentile(mag[mag > 2], 90)) if (mag > 2).any() else 1.0
+    return _u8(ctx.normal + delta * max(rng.uniform(3.0, 6.0), rng.uniform(150, 230) / max(top, 1.0)))
+
+
+def seamed(ctx, rng: np.random.Generator) -> np.ndarray | None:
+    """A hard-edged sticker, a hard-edged patch from elsewhere, or the defect with a binary alpha."""
+    region = ctx.region
+    if region.sum() < 12:
+        return None
+    normal = ctx.normal.astype(np.float32)
+    choice = rng.random()
+    if choice < 0.35:
+        # Flat sticker: the defect's mean colour, hard edge.
+        area = ndi.binary_dilation(region, iterations=1)
+        out = normal.copy()
+        out[area] = ctx.edited[area].astype(np.float32).mean(axis=0) + rng.normal(0, 1.0, (int(area.sum()), 3))
+        return _u8(out)
+    if choice < 0.7:
+        # A patch of the image from elsewhere, brightness-shifted, pasted with a hard edge.
+        area = ndi.binary_dilation(region, iterations=int(rng.integers(1, 4)))
+        if area.sum() < 40:
+            area = ndi.binary_dilation(area, iterations=3)
+        h, w = area.shape
+        ys, xs = np.nonzero(area)
+        span = max(np.ptp(ys), np.ptp(xs)) + 1
+        for _ in range(20):
+            dy, dx = (int(v) for v in rng.integers(-h // 2, h // 2, 2))
+            if max(abs(dy), abs(dx)) >= span:
+                break
+        src = np.roll(normal, (dy, dx), axis=(0, 1))
+        shift = rng.choice([-1, 1]) * rng.uniform(18, 40)
+        out = normal.copy()
+        out[area] = src[area] + shift
+        return _u8(out)
+    # Binary alpha: wherever the change is at least a fifth of its strength, apply it in full.
+    delta = _change(ctx.normal, ctx.edited)
+    a = _strength(delta)
+    hard = a >= 0.2
+    if hard.sum() < 12:
+        return None
+    scale = np.where(hard, 1.0 / np.maximum(a, 0.35), 0.0)[..., None]
+    return _u8(normal + delta * scale)
+
+
+def oversized(ctx, rng: np.random.Generator) -> np.ndarray:
+    """The change enlarged about its centre, at least 2.5x and to half the object's size or more."""
+    delta = _change(ctx.normal, ctx.edited)
+    region = ctx.region if ctx.region.any() else np.abs(delta).max(axis=2) > 2
+    ys, xs = np.nonzero(region)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    fg = ctx.engine.foreground(ctx.normal, ctx.is_texture)
+    diameter = 2.0 * np.sqrt(fg.sum() / np.pi)
+    extent = max(np.ptp(ys), np.ptp(xs)) + 1.0
+    z = max(2.5, rng.uniform(0.5, 0.9) * diameter / extent)
+    # Map output pixel p to input (p - c) / z + c.
+    big = np.stack([
+        ndi.affine_transform(delta[..., c], np.diag([1 / z, 1 / z]), offset=(cy - cy / z, cx - cx / z), order=1)
+        for c in range(3)
+    ], axis=2)
+    big *= ndi.gaussian_filter(fg.astype(np.float32), 1.0)[..., None]
+    return _u8(ctx.normal + big)
+
+
+def outside(ctx, rng: np.random.Generator) -> np.ndarray:
+    """The good edit plus a global change elsewhere in the image."""
+    img = ctx.edited.astype(np.float32)
+    kind = int(rng.integers(5))
+    if kind == 0:
+        img = img + rng.choice([-1, 1]) * rng.uniform(6, 15)
+    elif kind == 1:
+        img = img + rng.choice([-1, 1], 3) * rng.uniform(5, 12, 3)
+    elif kind == 2:
+        m = img.mean(axis=(0, 1))
+        img = (img - m) * rng.uniform(1.12, 1.3) + m
+    elif kind == 3:
+        img = ndi.gaussian_filter(img, (rng.uniform(0.8, 1.6),) * 2 + (0,))
+    else:
+        img = img + rng.normal(0, rng.uniform(3, 6), img.shape)
+    return _u8(img)
+
+
+BREAKERS: dict[str, Callable] = {
+    "off_object": off_object,
+    "invisible": invisible,
+    "garish": garish,
+    "seamed": seamed,
+    "oversized": oversized,
+    "outside": outside,
+}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+class _Ctx:
+    """One good edit and what the breakers need to know about it."""
+
+    def __init__(self, engine, syn, normal) -> None:
+        self.engine = engine
+        self.normal = normal
+        self.edited = syn.result.image
+        self.region = syn.result.region
+        self.prompt = syn.prompt
+        self.category = syn.category
+        self.anomaly_type = syn.anomaly_type
+        self.shape = syn.entry.shape
+        self.is_texture = syn.is_texture
+
+
+def build_cases(per_kind: int, size: int, split: str) -> list[tuple[str, dict, np.ndarray, np.ndarray]]:
+    """(label, request fields, normal, edited) for `per_kind` good edits and as many bad ones of each kind."""
+    from evals.synth import normal_for, sample_category_for, synthesize
+    from tools.image_gen import ProceduralEngine
+    from tools.knowledge.catalog import load_catalog
+    from tools.prompt_gen import TemplatePromptGenerator
+
+    seed0, indices = SPLITS[split]
+    engine, pg = ProceduralEngine(), TemplatePromptGenerator()
+    pairs = load_catalog().pairs()
+    rng = np.random.default_rng(seed0 + 7)
+    counts: dict[str, int] = defaultdict(int)
+    cases = []
+    normals: dict[tuple[str, int], np.ndarray] = {}
+    k = 0
+    while min(counts[kind] for kind in ("good", *KINDS)) < per_kind:
+        category, anomaly_type = pairs[k % len(pairs)]
+        index = indices[(k // len(pairs)) % len(indices)]
+        skey = (sample_category_for(category, index), index)
+        if skey not in normals:
+            normals[skey] = normal_for(category, index, size=size, seed=seed0)
+        normal = normals[skey]
+        syn = synthesize(engine, pg, category, anomaly_type, normal, seed=seed0 + k)
+        ctx = _Ctx(engine, syn, normal)
+        fields = {"category": syn.category, "anomaly_type": syn.anomaly_type, "prompt": syn.prompt, "is_texture": syn.is_texture}
+        if counts["good"] < per_kind:
+            cases.append(("good", fields, normal, syn.result.image))
+            counts["good"] += 1
+        for kind in KINDS:
+            if counts[kind] >= per_kind:
+                continue
+            bad = BREAKERS[kind](ctx, rng)
+            if bad is not None and not np.array_equal(bad, normal):
+                cases.append((kind, fields, normal, bad))
+                counts[kind] += 1
+        k += 1
+    return cases
+
+
+def run(per_kind: int = 200, size: int = 160, split: str = "test", judge=None, out=sys.stdout) -> dict:
+    """Build the cases, judge them, print the table; return the numbers."""
+    from sklearn.metrics import roc_auc_score
+
+    from tools.quality_eval import MetricJudge
+    from tools.types import EvaluationRequest
+
+    judge = judge or MetricJudge()
+    started = time.perf_counter()
+    cases = build_cases(per_kind, size, split)
+    built = time.perf_counter()
+    scores: dict[str, list[float]] = defaultdict(list)
+    passed: dict[str, list[bool]] = defaultdict(list)
+    records = []
+    times = []
+    for label, fields, normal, edited in cases:
+        t0 = time.perf_counter()
+        ev = judge.evaluate(normal, edited, EvaluationRequest(**fields))
+        times.append(time.perf_counter() - t0)
+        scores[label].append(ev.score)
+        passed[label].append(ev.passed)
+        records.append((label, fields, ev))
+    good = scores["good"]
+    rows = {}
+    print(f"QE metric judge on {len(cases)} edits ({split} split, {size} px): AUROC of location+quality, good vs each kind",
+          file=out)
+    print(f"{'kind':<12} {'n':>5} {'AUROC':>7} {'pass%':>7} {'mean score':>11}", file=out)
+    print(f"{'good':<12} {len(good):>5} {'':>7} {100 * np.mean(passed['good']):>6.1f}% {statistics.fmean(good):>11.2f}", file=out)
+    all_bad: list[float] = []
+    for kind in KINDS:
+        bad = scores[kind]
+        all_bad += bad
+        auc = roc_auc_score([1] * len(good) + [0] * len(bad), good + bad)
+        rows[kind] = auc
+        print(f"{kind:<12} {len(bad):>5} {auc:>7.3f} {100 * np.mean(passed[kind]):>6.1f}% {statistics.fmean(bad):>11.2f}",
+              file=out)
+    overall = roc_auc_score([1] * len(good) + [0] * len(all_bad), good + all_bad)
+    print(f"build {built - started:.1f} s, judge {1000 * statistics.median(times):.1f} ms/edit median "
+          f"({sum(times):.1f} s total)", file=out)
+    print(f"QE AUROC {overall:.3f}", file=out)
+    return {"auroc": overall, "per_kind": rows, "records": records, "pass_good": float(np.mean(passed["good"]))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_qe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-kind", type=int, default=200, help="good edits and bad edits of each kind (default 200)")
+    parser.add_argument("--size", type=int, default=160, help="image side in pixels (default 160)")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="test",
+                        help="test (held-out seeds and images, the default) or calibration (what the thresholds were set on)")
+    args = parser.parse_args(argv)
+    run(args.per_kind, args.size, args.split)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
