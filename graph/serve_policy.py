@@ -11,6 +11,9 @@ Endpoints:
                                 ``logprobs``, ``return_token_ids``; no streaming
     GET  /health                200 once the model is loaded
 
+Requests are served one at a time (one model); a request whose client disconnects (e.g. on its
+timeout) is cancelled between two tokens, so the client's retry does not queue behind abandoned work.
+
 Tool calls are parsed from the model's text (``<tool_call>{json}</tool_call>`` or a bare JSON call) and
 returned as native ``tool_calls`` with ``finish_reason: "tool_calls"``; ``content`` keeps the text
 before the calls. When the text holds a call that cannot be parsed, no ``tool_calls`` are returned and
@@ -29,8 +32,10 @@ works against both.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -44,9 +49,12 @@ from starlette.routing import Route
 
 from graph.policies.base import PolicyError
 from graph.policies.chat import parse_completion
-from graph.policies.local_model import Generation, LocalModel
+from graph.policies.local_model import Generation, GenerationCancelled, LocalModel
 
 logger = logging.getLogger(__name__)
+
+#: How often a running request checks whether its client is still there.
+_DISCONNECT_POLL_S = 0.25
 
 
 class ChatRequest(BaseModel):
@@ -96,8 +104,17 @@ def create_app(model: LocalModel, served_name: str | None = None, default_max_to
             return _error(400, "streaming is not supported by serve-policy; send stream: false")
         if chat.tool_choice not in (None, "auto", "none"):
             return _error(400, "tool_choice must be 'auto' or 'none' (forced calls are not supported)")
+        cancel = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(_generate, model, chat, default_max_tokens, cancel))
+        while not work.done():
+            await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S)
+            if not work.done() and await request.is_disconnected():
+                cancel.set()  # the client gave up (timeout): free the model for the next request
         try:
-            generations = await run_in_threadpool(_generate, model, chat, default_max_tokens)
+            generations = work.result()
+        except GenerationCancelled:
+            logger.info("client disconnected; generation cancelled")
+            return _error(499, "client closed the request", "cancelled")
         except PolicyError as error:
             return _error(400, str(error))
         except Exception as error:  # a model failure must answer 500, not drop the connection
@@ -113,7 +130,7 @@ def create_app(model: LocalModel, served_name: str | None = None, default_max_to
     return Starlette(routes=routes)
 
 
-def _generate(model: LocalModel, chat: ChatRequest, default_max_tokens: int) -> list[Generation]:
+def _generate(model: LocalModel, chat: ChatRequest, default_max_tokens: int, cancel: threading.Event) -> list[Generation]:
     stop = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
     temperature = 1.0 if chat.temperature is None else chat.temperature
     tools = None if chat.tool_choice == "none" else chat.tools
@@ -128,6 +145,7 @@ def _generate(model: LocalModel, chat: ChatRequest, default_max_tokens: int) -> 
                 stop=stop or None,
                 seed=None if chat.seed is None else chat.seed + i,
                 logprobs=chat.logprobs,
+                cancel=cancel,
             )
         )
     return out

@@ -75,9 +75,9 @@ def aimed_server(tmp_path_factory):
     served.stop()
 
 
-def _chat(server: Served, **body) -> httpx.Response:
+def _chat(server: Served, timeout: float = 60, **body) -> httpx.Response:
     body.setdefault("messages", [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}])
-    return httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=60)
+    return httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=timeout)
 
 
 def test_models_lists_the_served_model(random_server):
@@ -106,6 +106,14 @@ def test_bad_requests_are_answered_400_with_a_message(random_server):
     response = httpx.post(f"{random_server.base_url}/chat/completions", content=b"{nope", timeout=10)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     assert "messages" in _chat(random_server, messages=[]).json()["error"]["message"]
+
+
+def test_a_request_its_client_gave_up_on_is_cancelled_and_frees_the_model(random_server):
+    with pytest.raises(httpx.TimeoutException):
+        _chat(random_server, timeout=1.0, max_tokens=6000, temperature=0)  # minutes of work if not cancelled
+    started = time.monotonic()
+    assert _chat(random_server, max_tokens=2, temperature=0).status_code == 200
+    assert time.monotonic() - started < 15
 
 
 def test_served_and_in_process_generation_agree(random_server):

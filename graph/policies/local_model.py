@@ -25,6 +25,10 @@ from graph.policies.chat_template import template_supports_tools
 logger = logging.getLogger(__name__)
 
 
+class GenerationCancelled(RuntimeError):
+    """Generation stopped because its `cancel` event was set."""
+
+
 @dataclass
 class Generation:
     """One generated reply.
@@ -96,13 +100,20 @@ class LocalModel:
         stop: list[str] | None = None,
         seed: int | None = None,
         logprobs: bool = False,
+        cancel: threading.Event | None = None,
     ) -> Generation:
         """Generate one reply; greedy when `temperature` is 0, else plain sampling (no top-k/top-p).
 
+        Args:
+            cancel: Set it to stop early (the server does when its client hangs up, so a request the
+                client gave up on does not hold the model while the client's retry waits behind it).
+
         Raises:
             PolicyError: the conversation does not fit the model's context.
+            GenerationCancelled: `cancel` was set.
         """
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         prompt = self.render(messages, tools)
         if self.context_length and len(prompt) + 1 > self.context_length:
@@ -125,11 +136,22 @@ class LocalModel:
             options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if stop:
             options.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        if cancel is not None:
+
+            class _Cancelled(StoppingCriteria):
+                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+            options["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
         input_ids = torch.tensor([prompt], dtype=torch.long)
         with self._lock, torch.inference_mode():
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled("the request was cancelled before generation started")
             if seed is not None:
                 torch.manual_seed(int(seed))
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("the request was cancelled during generation")
         new_ids = [int(i) for i in output.sequences[0, len(prompt):].tolist()]
         result = self._decode(new_ids, prompt, stop, max_new_tokens)
         if logprobs:
