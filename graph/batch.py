@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = ".work"
 DONE_FILE = "done.json"
+#: Outcomes caused by infrastructure (a dead or failing policy endpoint), rerun by --resume.
+RETRY_STATUSES = frozenset({"policy_error"})
 
 
 class BatchError(RuntimeError):
@@ -191,6 +193,11 @@ def run_batch(
         The summary of every finished sample under `root` (also written to root/summary.json).
     """
     done = {s.index: row for s in samples if (row := _done_row(s)) is not None}
+    for sample in samples:
+        if done.get(sample.index, {}).get("status") in RETRY_STATUSES and resume:
+            # The endpoint failed, not the sample: start it again from nothing on resume.
+            shutil.rmtree(sample.work_dir, ignore_errors=True)
+            del done[sample.index]
     started_before = any(Path(s.work_dir).exists() for s in samples)
     if started_before and not resume:
         raise BatchError(f"{root} already holds a batch; pass --resume to finish it, or choose another --out")

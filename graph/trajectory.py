@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from langchain_core.messages import convert_to_openai_messages
 
 from graph.configuration import Configuration
+from graph.policies.chat import to_openai_messages
 from graph.state import AgentState
 from graph.tool_calls import tool_schemas
 from tools.image_store import ImageStore
@@ -86,7 +86,8 @@ def trajectory_record(state: AgentState, result: dict[str, Any]) -> dict[str, An
         "source": "graph",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "images": images,
-        "messages": convert_to_openai_messages(state.get("messages", [])),
+        # The same conversion the policies are sent, so unparseable calls stay paired with their errors.
+        "messages": to_openai_messages(state.get("messages", [])),
         "tools": tool_schemas(),
         "calls": state.get("calls", []),
         "generations": state.get("generations", {}),

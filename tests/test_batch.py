@@ -90,3 +90,14 @@ def test_kill_9_then_resume_finishes_without_loss_or_duplicates(sample_dir, tmp_
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _check_complete(root, "metal_nut", ["scratch", "color"], expected=8)
+
+
+def test_resume_reruns_samples_that_failed_on_the_policy_endpoint(sample_dir, tmp_path):
+    root = tmp_path / "out"
+    samples = plan(list_images(sample_dir / "tile")[:1], "tile", ["crack"], 1, root, seed=0)
+    dead = {"policy": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "max_retries": 0, "request_timeout_s": 2}
+    first = run_batch(samples, root, overrides=dead, progress=False)
+    assert first["statuses"] == {"policy_error": 1}
+    again = run_batch(samples, root, overrides={}, resume=True, progress=False)
+    assert set(again["statuses"]) <= {"success", "budget_exhausted"} and again["samples"] == 1
+    _check_complete(root, "tile", ["crack"], expected=1)
