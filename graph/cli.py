@@ -27,8 +27,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from graph.policies.base import PolicyError
     from tools.imaging import ImageInputError
     from tools.knowledge.catalog import KnowledgeBaseError, UnknownAnomalyTypeError, UnknownCategoryError
+    from training.reverse import ReverseError
+    from training.sft_config import SFTConfigError
+    from training.trajectories import TrajectoryError
 
     return (
+        ReverseError,
+        SFTConfigError,
+        TrajectoryError,
         BatchError,
         ConfigurationError,
         PolicyError,
@@ -156,6 +162,27 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training(name: str) -> Callable[[argparse.Namespace], int]:
+    """A training subcommand, imported from `training.commands` only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        from training import commands
+
+        return getattr(commands, name)(args)
+
+    return run
+
+
+#: Benchmark name -> module whose `main(argv)` runs it (evals/ is imported only when asked for).
+BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly-agent", description="Synthesize realistic industrial defects with pixel masks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
@@ -209,6 +236,44 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=128, help="side of the sample images in pixels")
     run_options(q)
     q.set_defaults(func=cmd_eval_policy)
+
+    p = sub.add_parser("trajectories", help="training data: export graph traces, reverse-synthesize real anomalies")
+    tr = p.add_subparsers(dest="trajectories_command", required=True)
+    q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")
+    q.add_argument("--input", required=True, nargs="+",
+                   help="batch roots, run folders, trajectory .json/.jsonl files or SqliteSaver .sqlite files")
+    q.add_argument("--out", required=True, help="JSONL file to write")
+    q.add_argument("--hf-dataset", dest="hf_dataset", help="also save a datasets.Dataset (messages, tools) here")
+    q.add_argument("--images", action="store_true", help="add the normal image (for vision-language policies)")
+    q.add_argument("--statuses", default="success,budget_exhausted", help="keep runs with these statuses")
+    q.add_argument("--all-statuses", dest="all_statuses", action="store_true", help="keep every run")
+    q.set_defaults(func=_training("cmd_trajectories_export"))
+    q = tr.add_parser("reverse", help="staged 1-3 image_gen trajectories ending in real anomalies (MVTec layout)")
+    q.add_argument("--dataset", required=True, help="ROOT with ROOT/<category>/test/<type> and ground_truth/<type>")
+    q.add_argument("--out", required=True, help="JSONL file to write; images go to <out>_runs/")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--stages", default="1,2,3", help="image_gen calls per trajectory, comma-separated")
+    q.add_argument("--categories", help="comma-separated subset of categories")
+    q.add_argument("--limit", type=int, help="use at most this many anomalies")
+    q.add_argument("--size", type=int, help="resize images so the longer side is this many pixels")
+    q.add_argument("--config", help="YAML file with agent configuration keys (budget, QE thresholds...)")
+    q.set_defaults(func=_training("cmd_trajectories_reverse"))
+
+    p = sub.add_parser("train", help="train a policy")
+    tr = p.add_subparsers(dest="train_command", required=True)
+    q = tr.add_parser("sft", help="supervised fine-tuning on trajectories with TRL (assistant-only loss)")
+    q.add_argument("--config", required=True, help="YAML file of training.sft_config.SFTJobConfig fields")
+    q.add_argument("--dataset", help="override the config's dataset")
+    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
+    q.add_argument("--model", help="override the config's base model folder")
+    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    q.add_argument("--time-limit", dest="time_limit", type=float, help="stop training after this many seconds")
+    q.set_defaults(func=_training("cmd_train_sft"))
+
+    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop)")
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("kb", help="the knowledge base")
     kb = p.add_subparsers(dest="kb_command", required=True)
