@@ -109,8 +109,10 @@ def run_sample(sample: Sample, overrides: dict[str, Any]) -> dict[str, Any]:
     with SqliteSaver.from_conn_string(str(work / "checkpoints.sqlite")) as saver:
         agent = build_graph(checkpointer=saver)
         existing = agent.get_state(thread)
-        if existing.values and existing.next:
-            logger.info("resuming sample %s at %s", sample.index, existing.next)
+        if existing.values and existing.tasks:
+            # `tasks`, not `next`: a node that finished just before the kill has its writes saved
+            # as pending writes, so it is no longer in `next`, yet the graph has not moved on.
+            logger.info("resuming sample %s at %s", sample.index, [task.name for task in existing.tasks])
             agent.invoke(None, thread)
         elif not existing.values:
             agent.invoke(
@@ -123,7 +125,11 @@ def run_sample(sample: Sample, overrides: dict[str, Any]) -> dict[str, Any]:
                 },
                 thread,
             )
-        values = agent.get_state(thread).values
+        final = agent.get_state(thread)
+    if final.tasks or "status" not in final.values:
+        # Never mark an unfinished run done: the next --resume must pick it up again.
+        raise RuntimeError(f"sample {thread_id} stopped before finalize (pending: {[t.name for t in final.tasks]})")
+    values = final.values
     result = values.get("result") or {}
     row: dict[str, Any] = {
         **asdict(sample),

@@ -70,6 +70,47 @@ def test_sample_interrupted_mid_graph_resumes_from_its_checkpoint(sample_dir, tm
     assert Path(sample.anomaly_out).is_file() and Path(sample.mask_out).is_file()
 
 
+def _dying_saver(saver, die_at_step: int):
+    """A SqliteSaver on `saver`'s connection that dies (as kill -9 would) when a checkpoint is due.
+
+    The node's writes are already saved as pending writes at that moment: the window in which a real
+    kill left a sample whose graph state had no `next` node, yet was unfinished.
+    """
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    class DyingSaver(SqliteSaver):
+        def put(self, config, checkpoint, metadata, new_versions):
+            if metadata.get("step") == die_at_step:
+                raise KeyboardInterrupt("simulated kill between a node's writes and the next checkpoint")
+            return super().put(config, checkpoint, metadata, new_versions)
+
+    return DyingSaver(saver.conn)
+
+
+def test_sample_killed_between_node_writes_and_checkpoint_still_finishes(sample_dir, tmp_path):
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from graph.graph import build_graph
+
+    root = tmp_path / "out"
+    sample = plan(list_images(sample_dir / "metal_nut"), "metal_nut", ["scratch"], 1, root, seed=0)[0]
+    Path(sample.work_dir).mkdir(parents=True)
+    thread = {"configurable": {"thread_id": f"metal_nut/scratch/{sample.number:03d}"}}
+    with SqliteSaver.from_conn_string(str(Path(sample.work_dir) / "checkpoints.sqlite")) as saver:
+        dying = _dying_saver(saver, die_at_step=2)  # step 1 = policy, step 2 = prompt_gen
+        with pytest.raises(KeyboardInterrupt):
+            build_graph(checkpointer=dying).invoke(
+                {"image": sample.image, "category": "metal_nut", "anomaly_type": "scratch", "seed": sample.seed, "run_dir": sample.work_dir},
+                thread,
+            )
+        state = build_graph(checkpointer=saver).get_state(thread)
+        assert state.values and not state.next and state.tasks, "the simulated kill should leave only pending writes"
+    row = run_sample(sample, overrides={})
+    assert row["status"] in {"success", "budget_exhausted"}
+    assert row["calls"].count("prompt_gen") == 1 and row["calls"][-1] == "mask_gen"
+    assert Path(sample.anomaly_out).is_file() and Path(sample.mask_out).is_file()
+
+
 @pytest.mark.integration
 def test_kill_9_then_resume_finishes_without_loss_or_duplicates(sample_dir, tmp_path):
     root = tmp_path / "out"
