@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from graph.batch import BatchError, list_images, plan, run_batch, run_sample
+from graph.batch import BatchError, Sample, list_images, plan, run_batch, run_sample
 
 
 def _cli() -> str:
@@ -49,7 +50,13 @@ def test_batch_writes_mvtec_layout_and_summary(sample_dir, tmp_path):
         run_batch(samples, root, overrides={}, progress=False)
 
 
-def test_sample_interrupted_mid_graph_resumes_from_its_checkpoint(sample_dir, tmp_path):
+def _interrupted_sample(sample_dir: Path, tmp_path: Path, interrupt) -> tuple[Sample, Any]:
+    """Plan one metal_nut scratch sample and start its graph run, which `interrupt` stops part-way.
+
+    `interrupt(saver)` returns (checkpointer, invoke kwargs) for the first run; the run's end state
+    is left in the sample's own checkpoint file, where `run_sample` must pick it up. Returns the
+    sample and its graph state after the first run.
+    """
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     from graph.graph import build_graph
@@ -58,16 +65,30 @@ def test_sample_interrupted_mid_graph_resumes_from_its_checkpoint(sample_dir, tm
     sample = plan(list_images(sample_dir / "metal_nut"), "metal_nut", ["scratch"], 1, root, seed=0)[0]
     Path(sample.work_dir).mkdir(parents=True)
     thread = {"configurable": {"thread_id": f"metal_nut/scratch/{sample.number:03d}"}}
+    inputs = {"image": sample.image, "category": "metal_nut", "anomaly_type": "scratch", "seed": sample.seed, "run_dir": sample.work_dir}
     with SqliteSaver.from_conn_string(str(Path(sample.work_dir) / "checkpoints.sqlite")) as saver:
-        build_graph(checkpointer=saver).invoke(
-            {"image": sample.image, "category": "metal_nut", "anomaly_type": "scratch", "seed": sample.seed, "run_dir": sample.work_dir},
-            thread,
-            interrupt_after=["image_gen"],
-        )
+        checkpointer, kwargs = interrupt(saver)
+        try:
+            build_graph(checkpointer=checkpointer).invoke(inputs, thread, **kwargs)
+        except KeyboardInterrupt:
+            pass  # a simulated kill
+        state = build_graph(checkpointer=saver).get_state(thread)
+    assert state.values and state.tasks and "status" not in state.values, "the first run should stop part-way"
+    return sample, state
+
+
+def _check_resumed(sample) -> None:
     row = run_sample(sample, overrides={})
+    assert row["status"] in {"success", "budget_exhausted"}
     assert row["calls"][:3] == ["prompt_gen", "image_gen", "quality_eval"]
     assert row["calls"].count("prompt_gen") == 1 and row["calls"][-1] == "mask_gen"
     assert Path(sample.anomaly_out).is_file() and Path(sample.mask_out).is_file()
+
+
+def test_sample_interrupted_mid_graph_resumes_from_its_checkpoint(sample_dir, tmp_path):
+    sample, state = _interrupted_sample(sample_dir, tmp_path, lambda saver: (saver, {"interrupt_after": ["image_gen"]}))
+    assert state.next == ("policy",)
+    _check_resumed(sample)
 
 
 def _dying_saver(saver, die_at_step: int):
@@ -88,27 +109,10 @@ def _dying_saver(saver, die_at_step: int):
 
 
 def test_sample_killed_between_node_writes_and_checkpoint_still_finishes(sample_dir, tmp_path):
-    from langgraph.checkpoint.sqlite import SqliteSaver
-
-    from graph.graph import build_graph
-
-    root = tmp_path / "out"
-    sample = plan(list_images(sample_dir / "metal_nut"), "metal_nut", ["scratch"], 1, root, seed=0)[0]
-    Path(sample.work_dir).mkdir(parents=True)
-    thread = {"configurable": {"thread_id": f"metal_nut/scratch/{sample.number:03d}"}}
-    with SqliteSaver.from_conn_string(str(Path(sample.work_dir) / "checkpoints.sqlite")) as saver:
-        dying = _dying_saver(saver, die_at_step=2)  # step 1 = policy, step 2 = prompt_gen
-        with pytest.raises(KeyboardInterrupt):
-            build_graph(checkpointer=dying).invoke(
-                {"image": sample.image, "category": "metal_nut", "anomaly_type": "scratch", "seed": sample.seed, "run_dir": sample.work_dir},
-                thread,
-            )
-        state = build_graph(checkpointer=saver).get_state(thread)
-        assert state.values and not state.next and state.tasks, "the simulated kill should leave only pending writes"
-    row = run_sample(sample, overrides={})
-    assert row["status"] in {"success", "budget_exhausted"}
-    assert row["calls"].count("prompt_gen") == 1 and row["calls"][-1] == "mask_gen"
-    assert Path(sample.anomaly_out).is_file() and Path(sample.mask_out).is_file()
+    # step 1 = policy, step 2 = prompt_gen: die when the checkpoint after prompt_gen is due
+    sample, state = _interrupted_sample(sample_dir, tmp_path, lambda saver: (_dying_saver(saver, die_at_step=2), {}))
+    assert not state.next and [task.name for task in state.tasks] == ["prompt_gen"], "only pending writes should be left"
+    _check_resumed(sample)
 
 
 @pytest.mark.integration
