@@ -53,10 +53,10 @@ class Configuration(BaseModel):
 
     # Tool backends
     prompt_backend: Literal["template", "llm"] = "template"
-    image_backend: Literal["procedural"] = "procedural"
+    image_backend: Literal["procedural", "diffusers", "endpoint"] = "procedural"
     judge_backend: Literal["metric", "vlm"] = "metric"
     knowledge_backend: Literal["chroma"] = "chroma"
-    mask_backend: Literal["change"] = "change"
+    mask_backend: Literal["change", "sam"] = "change"
     pass_location: float = Field(default=3.0, ge=0, le=5, description="QE location score needed to pass.")
     pass_quality: float = Field(default=3.0, ge=0, le=5, description="QE quality score needed to pass.")
     prompt_base_url: str | None = Field(default=None, description="Endpoint for prompt_backend llm; default: base_url.")
@@ -65,6 +65,30 @@ class Configuration(BaseModel):
     judge_base_url: str | None = Field(default=None, description="Endpoint for judge_backend vlm; default: base_url.")
     judge_model: str | None = Field(default=None, description="Model for judge_backend vlm; default: the server's.")
     judge_attempts: int = Field(default=2, ge=1, le=10, description="VLM tries for a valid verdict before the metric fallback.")
+
+    # Production image backends (DESIGN §4): IG diffusers/endpoint, MG sam. Model files come from local paths only.
+    diffusion_model_path: str | None = Field(default=None, description="Local diffusers pipeline folder (image_backend diffusers).")
+    diffusion_pipeline: Literal["auto", "inpaint", "flux-fill", "qwen-edit-inpaint"] = Field(
+        default="auto", description="Pipeline family; auto reads the folder's model_index.json."
+    )
+    diffusion_strength: float = Field(default=0.75, gt=0, le=1, description="How far the pipeline may move from the init image.")
+    diffusion_steps: int = Field(default=30, ge=1, le=500, description="Denoising steps per edit.")
+    diffusion_guidance: float | None = Field(default=None, ge=0, description="Guidance (true CFG for Qwen); default per family.")
+    diffusion_resolution: int | None = Field(default=None, ge=32, le=4096, description="Long side sent to the model; default native.")
+    edit_init: Literal["sketch", "normal"] = Field(
+        default="sketch", description="Init image of model backends: the procedural sketch of the defect, or the normal image."
+    )
+    torch_device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1...")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Diffusion dtype; auto is bfloat16 on CUDA, float32 on the CPU."
+    )
+    image_edit_base_url: str | None = Field(default=None, description="OpenAI-compatible /images/edits endpoint (image_backend endpoint).")
+    image_edit_model: str | None = Field(default=None, description="Model name for the image-edit endpoint.")
+    image_edit_size: int = Field(default=1024, ge=64, le=4096, description="Long side of the window sent to the endpoint.")
+    sam_checkpoint: str | None = Field(default=None, description="Local SAM checkpoint (mask_backend sam).")
+    sam_model_type: Literal["auto", "vit_b", "vit_l", "vit_h"] = Field(
+        default="auto", description="Checked against the checkpoint; auto accepts what it holds."
+    )
 
     # Storage
     run_root: str = Field(default="runs", description="Where runs without an explicit run_dir write.")
@@ -88,7 +112,7 @@ class Configuration(BaseModel):
         overrides.pop("config_file", None)
         merged: dict[str, Any] = {}
         if config_file:
-            merged.update(_read_yaml(Path(config_file)))
+            merged.update(_read_yaml(preset_path(config_file)))
         merged.update(_read_env())
         merged.update({k: v for k, v in overrides.items() if k in cls.model_fields})
         try:
@@ -104,6 +128,24 @@ class Configuration(BaseModel):
         configurable = dict((config or {}).get("configurable") or {})
         known = {k: v for k, v in configurable.items() if k in cls.model_fields or k == "config_file"}
         return cls.load(overrides=known)
+
+
+#: Named configurations shipped with the package (``--config gpu-open``): graph/presets/<name>.yaml.
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def preset_path(config_file: str | os.PathLike) -> Path:
+    """`config_file` itself, or the shipped preset of that name when no such file exists."""
+    path = Path(config_file).expanduser()
+    preset = PRESET_DIR / f"{config_file}.yaml"
+    if not path.is_file() and preset.is_file():
+        return preset
+    return path
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

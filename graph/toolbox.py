@@ -65,6 +65,68 @@ def tool_endpoint(config: Configuration, tool: str) -> Endpoint:
     return Endpoint(base_url, model, config.api_key, config.request_timeout_s, config.max_retries)
 
 
+class ImageBackend(NamedTuple):
+    """What IG's model backends are built from (hashable: part of the toolbox cache key)."""
+
+    kind: str
+    model_path: str | None = None
+    pipeline: str = "auto"
+    strength: float = 0.75
+    steps: int = 30
+    guidance: float | None = None
+    resolution: int | None = None
+    init: str = "sketch"
+    device: str = "auto"
+    dtype: str = "auto"
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str = "EMPTY"
+    size: int = 1024
+    timeout_s: float = 60.0
+    max_retries: int = 2
+
+
+class MaskBackend(NamedTuple):
+    """What MG's SAM backend is built from (hashable: part of the toolbox cache key)."""
+
+    checkpoint: str
+    model_type: str = "auto"
+    device: str = "auto"
+
+
+def image_backend(config: Configuration) -> ImageBackend | None:
+    """IG's model backend settings, or None for the procedural engine.
+
+    Raises:
+        ConfigurationError: When the backend's model path or endpoint is not set.
+    """
+    if config.image_backend == "procedural":
+        return None
+    if config.image_backend == "diffusers" and not config.diffusion_model_path:
+        raise ConfigurationError("image_backend diffusers needs diffusion_model_path: a local diffusers pipeline folder")
+    if config.image_backend == "endpoint" and not config.image_edit_base_url:
+        raise ConfigurationError("image_backend endpoint needs image_edit_base_url: an OpenAI-compatible /images/edits endpoint")
+    return ImageBackend(
+        config.image_backend, config.diffusion_model_path, config.diffusion_pipeline, config.diffusion_strength,
+        config.diffusion_steps, config.diffusion_guidance, config.diffusion_resolution, config.edit_init,
+        config.torch_device, config.torch_dtype, config.image_edit_base_url, config.image_edit_model, config.api_key,
+        config.image_edit_size, config.request_timeout_s, config.max_retries,
+    )
+
+
+def mask_backend(config: Configuration) -> MaskBackend | None:
+    """MG's SAM settings, or None for the change mask.
+
+    Raises:
+        ConfigurationError: When mask_backend is sam and no checkpoint is set.
+    """
+    if config.mask_backend == "change":
+        return None
+    if not config.sam_checkpoint:
+        raise ConfigurationError("mask_backend sam needs sam_checkpoint: the local path of a SAM checkpoint (.pth)")
+    return MaskBackend(config.sam_checkpoint, config.sam_model_type, config.torch_device)
+
+
 def get_toolbox(config: Configuration) -> Toolbox:
     """The toolbox for `config`, shared by every run in this process with the same backend settings."""
     return _build(
@@ -80,6 +142,8 @@ def get_toolbox(config: Configuration) -> Toolbox:
         tool_endpoint(config, "judge") if config.judge_backend == "vlm" else None,
         config.prompt_temperature,
         config.judge_attempts,
+        image_backend(config),
+        mask_backend(config),
     )
 
 
@@ -97,8 +161,10 @@ def _build(
     judge_endpoint: Endpoint | None = None,
     prompt_temperature: float = 0.7,
     judge_attempts: int = 2,
+    image_spec: ImageBackend | None = None,
+    mask_spec: MaskBackend | None = None,
 ) -> Toolbox:
-    # The Literal types in Configuration reject unknown backend names.
+    # The Literal types in Configuration reject unknown backend names; the specs carry the chosen ones.
     del image_backend, knowledge_backend, mask_backend
     prompt: PromptGenerator = TemplatePromptGenerator()
     if prompt_backend == "llm" and prompt_endpoint is not None:
@@ -113,8 +179,39 @@ def _build(
                          attempts=judge_attempts)
     return Toolbox(
         prompt=prompt,
-        image=ProceduralEngine(),
+        image=_image_generator(image_spec),
         judge=judge,
         knowledge=KnowledgeStore(kb_path),
-        mask=ChangeMaskGenerator(),
+        mask=_mask_generator(mask_spec),
     )
+
+
+def _image_generator(spec: ImageBackend | None) -> ImageGenerator:
+    """IG's backend; model errors (missing folder, unloadable pipeline) become one-line ConfigurationErrors."""
+    if spec is None:
+        return ProceduralEngine()
+    if spec.kind == "endpoint":
+        from tools.image_gen_endpoint import EndpointImageEditor
+
+        return EndpointImageEditor(base_url=spec.base_url or "", model=spec.model, api_key=spec.api_key, size=spec.size,
+                                   init=spec.init, timeout_s=spec.timeout_s, max_retries=spec.max_retries)
+    from tools.image_gen_diffusers import DiffusersInpainter, DiffusersModelError
+
+    try:
+        return DiffusersInpainter(model_path=spec.model_path or "", kind=spec.pipeline, strength=spec.strength,
+                                  steps=spec.steps, guidance=spec.guidance, resolution=spec.resolution, init=spec.init,
+                                  device=spec.device, dtype=spec.dtype)
+    except DiffusersModelError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+def _mask_generator(spec: MaskBackend | None) -> MaskGenerator:
+    """MG's backend; a missing or wrong SAM checkpoint becomes a one-line ConfigurationError."""
+    if spec is None:
+        return ChangeMaskGenerator()
+    from tools.mask_gen_sam import SamCheckpointError, SamMaskGenerator
+
+    try:
+        return SamMaskGenerator(spec.checkpoint, spec.model_type, spec.device)
+    except SamCheckpointError as error:
+        raise ConfigurationError(str(error)) from None

@@ -1,0 +1,145 @@
+"""Random-weight diffusers pipelines and SAM checkpoints, written to disk like the real ones.
+
+Why: no diffusion or SAM weights ship in a registry package (DESIGN §8), yet the production backends
+must be tested here and timed on GPU machines that have no weights. These builders write folders and
+checkpoints in exactly the layouts the backends load (``save_pretrained`` pipeline folders, SAM state
+dicts), so tests and benchmarks exercise the production load path. Two sizes: ``tiny`` (tests: a 64 px
+SD inpainting pipeline in about a megabyte, a 256 px two-block SAM) and ``full`` (the real
+architectures of SD 1.5 inpainting and SAM vit_b/l/h, random weights: the same compute as the
+published models). Only torch, diffusers, transformers and segment-anything are needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+#: A CLIP vocabulary of single characters (BPE without merges): enough to tokenise any prompt.
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'()-_/"
+
+
+def tiny_clip_tokenizer(folder: Path) -> None:
+    """Write a CLIP tokenizer over a character vocabulary (transformers 5 builds it from vocab and merges)."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _CHARS:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer.save_pretrained(str(folder))
+
+
+def sd_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a Stable Diffusion inpainting pipeline (9-channel UNet) with random weights to `folder`.
+
+    Args:
+        folder: Output folder (a diffusers pipeline folder with model_index.json).
+        size: ``tiny`` (64 px, for tests) or ``full`` (the SD 1.5 inpainting architecture, 512 px).
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    if size == "tiny":
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=9, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, norm_num_groups=32, attention_head_dim=4,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=64,
+        )
+        text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              vocab_size=len(_CHARS) * 2 + 2, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                              max_position_embeddings=77, projection_dim=32)
+    elif size == "full":
+        unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, cross_attention_dim=768,
+                                    attention_head_dim=8)  # the other defaults are SD 1.x's
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                              vocab_size=49408, max_position_embeddings=77, projection_dim=768,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    else:
+        raise ValueError(f"size must be tiny or full; got {size}")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    tok_dir = folder / "_tokenizer"
+    tiny_clip_tokenizer(tok_dir)
+    from transformers import CLIPTokenizer
+
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text), tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    for child in tok_dir.iterdir():
+        child.unlink()
+    tok_dir.rmdir()
+    json.loads((folder / "model_index.json").read_text())  # written, readable
+    return folder
+
+
+def sam_checkpoint(path: str | Path, model_type: str = "tiny", seed: int = 0) -> Path:
+    """Write a SAM state dict with random weights: ``tiny`` (256 px, 2 blocks) or vit_b / vit_l / vit_h."""
+    from tools.mask_gen_sam import SamArchitecture, build_sam, published_architecture
+
+    if model_type == "tiny":
+        arch = SamArchitecture(embed_dim=32, depth=2, num_heads=2, img_size=256, patch_size=16, mlp_ratio=2.0,
+                               window_size=14, global_attn_indexes=(1,), out_chans=32, decoder_depth=1,
+                               decoder_mlp_dim=64)
+    else:
+        arch = published_architecture(model_type)
+    torch.manual_seed(seed)
+    model = build_sam(arch)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def flux_fill_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny FLUX.1 Fill pipeline with random weights (tests of the ``flux-fill`` path).
+
+    The shapes follow diffusers' own FluxFill test components; both tokenizers are the character CLIP
+    tokenizer (any tokenizer that pads to a length serves the T5 encoder), so nothing is downloaded.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    vocab = len(_CHARS) * 2 + 2
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=20, out_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    )
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                        max_position_embeddings=77, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=1))
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=2, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    tok_dir = folder / "_tokenizer"
+    tiny_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                            text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
+    pipe.save_pretrained(str(folder))
+    for child in tok_dir.iterdir():
+        child.unlink()
+    tok_dir.rmdir()
+    return folder

@@ -1,0 +1,169 @@
+"""IG's diffusers backend and MG's SAM backend on tiny random models built offline, loaded from disk.
+
+The pipeline folder and the SAM checkpoint are written by `evals.random_backends` in the layouts the
+production code loads (save_pretrained folders, state dicts), and are loaded through the same
+configuration keys a user sets: nothing here bypasses the production load path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evals.random_backends import sam_checkpoint, sd_inpaint_pipeline
+from graph.configuration import Configuration, ConfigurationError
+from graph.graph import build_graph, recursion_limit
+from graph.toolbox import get_toolbox
+from tools.imaging import load_image, load_mask
+from tools.types import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sd_inpaint_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-inpaint", size="tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sam_checkpoint(tmp_path_factory.mktemp("models") / "tiny_sam.pth", "tiny")
+
+
+@pytest.fixture(scope="module")
+def nut(sample_dir: Path) -> np.ndarray:
+    return load_image(sorted((sample_dir / "metal_nut").glob("*.png"))[0])
+
+
+def _inpainter(path: Path, **overrides):
+    cfg = Configuration.load(overrides={"image_backend": "diffusers", "diffusion_model_path": str(path),
+                                        "diffusion_steps": 3, **overrides})
+    return get_toolbox(cfg).image
+
+
+REQUEST = GenerationRequest(prompt="a small dark scratch at the top-left", category="metal_nut",
+                            anomaly_type="scratch", default_shape="scratch", seed=3)
+
+
+def test_diffusers_edit_keeps_size_and_changes_only_inside_the_planned_mask(tiny_sd, nut):
+    from tools.edit_region import plan_edit
+    from tools.image_gen import ProceduralEngine
+
+    result = _inpainter(tiny_sd).generate(nut, REQUEST)
+    plan = plan_edit(ProceduralEngine(), nut, REQUEST)  # the same plan: same seed, same placement
+    assert result.image.shape == nut.shape and result.image.dtype == np.uint8
+    changed = np.abs(result.image.astype(int) - nut.astype(int)).max(axis=-1) > 0
+    assert changed.any()
+    assert not (changed & ~plan.edit_mask).any(), "pixels outside the edit mask changed"
+    assert result.region is not None and result.region.any() and not (result.region & ~plan.edit_mask).any()
+    assert result.info["engine"] == "diffusers" and result.info["pipeline"] == "StableDiffusionInpaintPipeline"
+    assert result.info["model_size"] == [64, 64]  # the tiny pipeline's native resolution
+    assert result.info["position"] == "top-left"
+
+
+def test_diffusers_edit_is_seeded(tiny_sd, nut):
+    inpainter = _inpainter(tiny_sd)
+    first = inpainter.generate(nut, REQUEST).image
+    again = inpainter.generate(nut, REQUEST).image
+    other = inpainter.generate(nut, REQUEST.model_copy(update={"seed": 4})).image
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_strength_steps_guidance_come_from_the_configuration(tiny_sd, nut):
+    result = _inpainter(tiny_sd, diffusion_strength=0.5, diffusion_steps=2, diffusion_guidance=2.0,
+                        edit_init="normal", diffusion_resolution=96).generate(nut, REQUEST)
+    assert (result.info["strength"], result.info["steps"], result.info["guidance"]) == (0.5, 2, 2.0)
+    assert result.info["init"] == "normal" and result.info["model_size"] == [96, 96]
+
+
+def test_the_pipeline_loads_once_per_process(tiny_sd):
+    from tools.image_gen_diffusers import load_pipeline
+
+    a = _inpainter(tiny_sd, diffusion_strength=0.6)
+    b = _inpainter(tiny_sd, diffusion_strength=0.9)
+    assert a is not b and a.pipe is b.pipe
+    assert load_pipeline.cache_info().currsize >= 1
+
+
+def test_missing_model_path_is_one_line_naming_the_key(tmp_path):
+    with pytest.raises(ConfigurationError, match="diffusion_model_path") as error:
+        _inpainter(tmp_path / "no-such-model")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigurationError, match="diffusion_model_path"):
+        get_toolbox(Configuration.load(overrides={"image_backend": "diffusers"}))
+    (tmp_path / "not-a-pipeline").mkdir()
+    with pytest.raises(ConfigurationError, match="model_index.json"):
+        _inpainter(tmp_path / "not-a-pipeline")
+
+
+def test_pipeline_family_is_read_from_model_index(tmp_path):
+    from tools.image_gen_diffusers import pipeline_kind
+
+    for class_name, kind in [("FluxFillPipeline", "flux-fill"), ("QwenImageEditPipeline", "qwen-edit-inpaint"),
+                             ("StableDiffusionXLInpaintPipeline", "inpaint")]:
+        folder = tmp_path / class_name
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+        assert pipeline_kind(folder) == kind
+
+
+def test_device_and_dtype_auto_is_cpu_float32_without_a_gpu():
+    import torch
+
+    from tools.image_gen_diffusers import resolve_device_dtype
+
+    if torch.cuda.is_available():
+        assert resolve_device_dtype() == ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    else:
+        assert resolve_device_dtype() == ("cpu", torch.float32)
+    assert resolve_device_dtype("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+
+
+def test_graph_runs_end_to_end_with_diffusers_ig_and_sam_mg(tiny_sd, tiny_sam, sample_dir, tmp_path):
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    configurable = {"image_backend": "diffusers", "diffusion_model_path": str(tiny_sd), "diffusion_steps": 3,
+                    "mask_backend": "sam", "sam_checkpoint": str(tiny_sam), "max_image_gens": 2}
+    cfg = Configuration.load(overrides=configurable)
+    state = build_graph().invoke(
+        {"image": str(image), "category": "metal_nut", "anomaly_type": "scratch", "seed": 1, "run_dir": str(tmp_path / "run")},
+        {"configurable": configurable, "recursion_limit": recursion_limit(cfg)},
+    )
+    result = state["result"]
+    assert state["status"] in ("success", "budget_exhausted")
+    normal, anomaly = load_image(image), load_image(result["anomaly_path"])
+    mask = load_mask(result["mask_path"])
+    assert anomaly.shape == normal.shape and mask.shape == normal.shape[:2]
+    assert mask.any() and not np.array_equal(anomaly, normal)
+    record = json.loads(Path(result["trajectory_path"]).read_text())
+    assert record["generations"] and all(g["info"]["engine"] == "diffusers" for g in record["generations"].values())
+    assert record["calls"][-1] == "mask_gen" or result["mask_by"] == "finalize"
+    assert result["mask_iou"] > 0  # the SAM-refined mask overlaps the region the backend reported
+    # The mask lies where the image changed (SAM may only move the outline near the change).
+    changed = np.abs(anomaly.astype(int) - normal.astype(int)).max(axis=-1) > 0
+    from scipy import ndimage as ndi
+
+    assert not (mask & ~ndi.binary_dilation(changed, iterations=12)).any()
+
+
+def test_gpu_open_preset_builds_diffusers_and_sam_from_local_paths(tiny_sd, tiny_sam, monkeypatch):
+    from tools.image_gen_diffusers import DiffusersInpainter
+    from tools.mask_gen_sam import SamMaskGenerator
+
+    monkeypatch.setenv("ANOMALY_AGENT_DIFFUSION_MODEL_PATH", str(tiny_sd))
+    monkeypatch.setenv("ANOMALY_AGENT_SAM_CHECKPOINT", str(tiny_sam))
+    monkeypatch.setenv("ANOMALY_AGENT_SAM_MODEL_TYPE", "auto")
+    toolbox = get_toolbox(Configuration.load(config_file="gpu-open"))
+    assert isinstance(toolbox.image, DiffusersInpainter) and isinstance(toolbox.mask, SamMaskGenerator)
+
+
+def test_flux_fill_folder_runs_through_the_flux_fill_pipeline(tmp_path, nut):
+    from evals.random_backends import flux_fill_pipeline
+
+    folder = flux_fill_pipeline(tmp_path / "tiny-flux-fill")
+    inpainter = _inpainter(folder, diffusion_steps=2, diffusion_resolution=32)
+    result = inpainter.generate(nut, REQUEST)
+    assert result.info["pipeline"] == "FluxFillPipeline" and result.info["guidance"] == 30.0
+    assert result.image.shape == nut.shape and result.region.any()
+    assert result.info["model_size"] == [32, 32]  # FLUX packs 2×2 latents: sizes are multiples of 16

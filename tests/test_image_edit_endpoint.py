@@ -1,0 +1,115 @@
+"""IG's endpoint backend against a real OpenAI-compatible image-edit server over HTTP."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from graph.configuration import Configuration, ConfigurationError
+from graph.toolbox import get_toolbox
+from image_edit_server import ImageEditServer
+from tools.edit_region import plan_edit
+from tools.image_gen import ProceduralEngine
+from tools.image_gen_endpoint import EndpointImageEditor, ImageEditEndpointError
+from tools.imaging import load_image
+from tools.types import GenerationRequest
+
+REQUEST = GenerationRequest(prompt="a medium dark stain in the center", category="metal_nut",
+                            anomaly_type="color", default_shape="stain", seed=5)
+
+
+@pytest.fixture(scope="module")
+def nut(sample_dir) -> np.ndarray:
+    return load_image(sorted((sample_dir / "metal_nut").glob("*.png"))[0])
+
+
+def _editor(base_url: str, **overrides) -> EndpointImageEditor:
+    cfg = Configuration.load(overrides={"image_backend": "endpoint", "image_edit_base_url": base_url,
+                                        "image_edit_size": 128, "request_timeout_s": 5, **overrides})
+    editor = get_toolbox(cfg).image
+    assert isinstance(editor, EndpointImageEditor)
+    editor.backoff_s = 0.05
+    return editor
+
+
+def test_endpoint_edit_is_pasted_back_inside_the_mask_at_the_input_size(nut):
+    with ImageEditServer(out_size=256) as server:  # answers at 256 px whatever it is sent
+        result = _editor(server.base_url, image_edit_model="editor-1").generate(nut, REQUEST)
+    plan = plan_edit(ProceduralEngine(), nut, REQUEST)
+    assert result.image.shape == nut.shape
+    changed = np.abs(result.image.astype(int) - nut.astype(int)).max(axis=-1) > 0
+    assert changed.any() and not (changed & ~plan.edit_mask).any()
+    # The server darkened the masked area: the defect region is darker than before.
+    assert result.region is not None and result.region.any()
+    assert result.image[result.region].mean() < nut[result.region].mean() - 20
+    assert result.info["engine"] == "endpoint" and result.info["position"] == "center"
+
+    request = server.requests[0]
+    assert request["model"] == "editor-1" and request["response_format"] == "b64_json"
+    assert "color defect" in request["prompt"] and REQUEST.prompt in request["prompt"]
+    image = Image.open(io.BytesIO(request["image"]))
+    mask = Image.open(io.BytesIO(request["mask"]))
+    assert image.size == mask.size and request["size"] == f"{image.size[0]}x{image.size[1]}"
+    assert max(image.size) == 128 and mask.mode == "RGBA"
+    alpha = np.asarray(mask)[..., 3]
+    # OpenAI's convention: transparent = edit; the edit area is the planned mask, the rest opaque.
+    assert (alpha == 0).any() and (alpha == 255).any() and set(np.unique(alpha)) <= {0, 255}
+
+
+def test_server_errors_are_retried_then_succeed(nut):
+    with ImageEditServer([{"status": 503}, {}]) as server:
+        result = _editor(server.base_url).generate(nut, REQUEST)
+    assert len(server.requests) == 2 and result.region.any()
+
+
+def test_dead_endpoint_is_one_clear_line():
+    with ImageEditServer() as server:
+        url = server.base_url
+    editor = _editor(url, max_retries=1)
+    with pytest.raises(ImageEditEndpointError, match=r"unreachable \(.*\) after 2 tries") as error:
+        editor.generate(np.full((64, 64, 3), 128, np.uint8), REQUEST)
+    assert "\n" not in str(error.value) and "image_edit_base_url" in str(error.value)
+
+
+def test_slow_endpoint_times_out_with_a_clear_error(nut):
+    with ImageEditServer([{"sleep": 2.0}]) as server:
+        editor = _editor(server.base_url, request_timeout_s=0.3, max_retries=0)
+        started = time.perf_counter()
+        with pytest.raises(ImageEditEndpointError, match="timed out"):
+            editor.generate(nut, REQUEST)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_refused_request_is_not_retried(nut):
+    with ImageEditServer([{"status": 400}]) as server:
+        with pytest.raises(ImageEditEndpointError, match="HTTP 400"):
+            _editor(server.base_url).generate(nut, REQUEST)
+    assert len(server.requests) == 1
+
+
+def test_endpoint_backend_needs_its_url():
+    with pytest.raises(ConfigurationError, match="image_edit_base_url"):
+        get_toolbox(Configuration.load(overrides={"image_backend": "endpoint"}))
+
+
+def test_graph_runs_end_to_end_with_the_endpoint_backend(sample_dir, tmp_path):
+    from graph.graph import build_graph, recursion_limit
+    from tools.imaging import load_mask
+
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    with ImageEditServer() as server:
+        configurable = {"image_backend": "endpoint", "image_edit_base_url": server.base_url, "image_edit_size": 128}
+        state = build_graph().invoke(
+            {"image": str(image), "category": "metal_nut", "anomaly_type": "color", "seed": 2,
+             "run_dir": str(tmp_path / "run")},
+            {"configurable": configurable, "recursion_limit": recursion_limit(Configuration.load(overrides=configurable))},
+        )
+    result = state["result"]
+    assert state["status"] in ("success", "budget_exhausted") and server.requests
+    anomaly, mask = load_image(result["anomaly_path"]), load_mask(result["mask_path"])
+    assert anomaly.shape == load_image(image).shape and mask.any()
+    assert result["mask_iou"] > 0.5  # the change mask agrees with the region the backend reported
