@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from graph.configuration import Configuration
+from graph.nodes import INFRASTRUCTURE_STATUSES
 from tools.contact_sheet import SheetRow, make_contact_sheet
 from tools.dataset_layout import IMAGE_SUFFIXES, mvtec_anomaly_path, mvtec_mask_path
 from tools.imaging import write_json_atomic, write_text_atomic
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = ".work"
 DONE_FILE = "done.json"
-#: Outcomes caused by infrastructure (a dead or failing policy endpoint), rerun by --resume.
-RETRY_STATUSES = frozenset({"policy_error"})
+#: Outcomes caused by infrastructure (a dead policy endpoint or tool backend), rerun by --resume.
+RETRY_STATUSES = INFRASTRUCTURE_STATUSES
 
 
 class BatchError(RuntimeError):

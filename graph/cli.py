@@ -66,6 +66,7 @@ def _check_inputs(category: str, anomaly_types: list[str]) -> tuple[str, list[st
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from graph.configuration import Configuration
     from graph.graph import build_graph, recursion_limit
+    from graph.nodes import INFRASTRUCTURE_STATUSES
     from tools.imaging import load_image
 
     category, (anomaly_type,) = _check_inputs(args.category, [args.anomaly_type])
@@ -94,16 +95,19 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             }
         )
     )
-    if values.get("status") == "policy_error":
-        print(f"anomaly-agent: error: {result.get('error', 'the policy failed')}", file=sys.stderr)
+    if values.get("status") in INFRASTRUCTURE_STATUSES:
+        print(f"anomaly-agent: error: {result.get('error', 'the policy or a tool backend failed')}", file=sys.stderr)
         return 1
     return 0
 
 
 def _check_policy(cfg: Any) -> None:
-    """Set the policy up before any run, so a missing endpoint or model folder fails once, up front."""
+    """Set the policy up and check the tool backends before any run, so a missing endpoint, model
+    folder or checkpoint fails once, up front."""
     from graph.policies import check_policy
+    from graph.toolbox import check_toolbox
 
+    check_toolbox(cfg)
     check_policy(cfg)
 
 

@@ -19,7 +19,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.runnables import RunnableConfig
 
 from graph import prompts
-from graph.configuration import Configuration
+from graph.configuration import Configuration, ConfigurationError
 from graph.policies import PolicyError, get_policy
 from graph.state import AgentState
 from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
@@ -28,12 +28,16 @@ from graph.trajectory import write_outputs
 from tools.image_store import ImageStore
 from tools.imaging import load_image
 from tools.knowledge.catalog import load_catalog
-from tools.types import EvaluationRequest, GenerationRequest, KnowledgeEntry, PromptRequest
+from tools.types import BackendUnavailableError, EvaluationRequest, GenerationRequest, KnowledgeEntry, PromptRequest
 
 logger = logging.getLogger(__name__)
 
 FINALIZE = "finalize"
 POLICY = "policy"
+
+
+#: Run endings caused by infrastructure (an endpoint or model), not by the sample: batch --resume reruns them.
+INFRASTRUCTURE_STATUSES = frozenset({"policy_error", "backend_error"})
 
 
 class ToolFailure(Exception):
@@ -91,6 +95,8 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
 def policy_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     """Ask the policy for its next message and route it: to a tool, back to itself, or to finalize."""
     cfg = Configuration.from_runnable_config(config)
+    if state.get("status") in INFRASTRUCTURE_STATUSES:
+        return {"next": FINALIZE}  # a tool's backend failed: nothing the policy can do about it
     update: dict[str, Any] = start_run(state, cfg) if not state.get("images") else {}
     view: AgentState = {**state, **update}  # type: ignore[typeddict-item]
     if view.get("steps", 0) >= cfg.max_steps:
@@ -170,6 +176,12 @@ def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Config
             observation, update = run(state, call["args"], cfg)
         except ToolFailure as failure:
             observation, update = prompts.error_observation(str(failure)), {}
+        except (BackendUnavailableError, ConfigurationError) as error:
+            # The backend itself is down or misconfigured: end the run (finalize keeps the best image
+            # so far) instead of crashing the batch; `batch --resume` reruns it.
+            logger.error("%s backend failed; ending the run: %s", name, error)
+            observation = prompts.error_observation(f"the {name} backend failed: {error}")
+            update = {"status": "backend_error", "error": str(error)}
         message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
         return {
             **update,
@@ -337,14 +349,15 @@ def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str
     """The image to return and the run's status.
 
     success: the policy masked an image that passed QE. budget_exhausted: steps or image generations
-    ran out; the best-scored image is returned. policy_error: the policy could not answer (endpoint
-    down, model failed); the best image so far, if any, is returned. incomplete: the policy stopped early
+    ran out; the best-scored image is returned. policy_error / backend_error: the policy, or a tool's
+    model backend, could not answer (endpoint down, model failed); the best image so far, if any, is
+    returned. incomplete: the policy stopped early
     without a passing, masked image. failed: no image was generated at all.
     """
-    policy_failed = state.get("status") == "policy_error"
+    infrastructure = state.get("status") if state.get("status") in INFRASTRUCTURE_STATUSES else None
     generations = state.get("generations") or {}
     if not generations:
-        return None, "policy_error" if policy_failed else "failed"
+        return None, infrastructure or "failed"
     evaluations = state.get("evaluations") or {}
     masks = state.get("masks") or {}
     passed_and_masked = [int(k) for k in masks if evaluations.get(k, {}).get("passed")]
@@ -354,8 +367,8 @@ def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str
         best = int(max(evaluations, key=lambda k: (evaluations[k]["location"] + evaluations[k]["quality"], int(k))))
     else:
         best = max(int(k) for k in generations)
-    if policy_failed:
-        return best, "policy_error"
+    if infrastructure:
+        return best, infrastructure
     out_of_budget = (
         state.get("status") == "budget_exhausted"
         or state.get("steps", 0) >= cfg.max_steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from graph.configuration import Configuration, ConfigurationError
@@ -215,3 +216,23 @@ def _mask_generator(spec: MaskBackend | None) -> MaskGenerator:
         return SamMaskGenerator(spec.checkpoint, spec.model_type, spec.device)
     except SamCheckpointError as error:
         raise ConfigurationError(str(error)) from None
+
+
+def check_toolbox(config: Configuration) -> None:
+    """Check the tool backends' settings and local files before any run, without loading a model.
+
+    Why: a batch should stop at once on a wrong path, not after its first sample reaches image_gen.
+
+    Raises:
+        ConfigurationError: one line naming the setting to fix.
+    """
+    image_spec, mask_spec = image_backend(config), mask_backend(config)
+    if image_spec is not None and image_spec.kind == "diffusers":
+        from tools.image_gen_diffusers import DiffusersModelError, pipeline_kind
+
+        try:
+            pipeline_kind(image_spec.model_path or "", image_spec.pipeline)
+        except DiffusersModelError as error:
+            raise ConfigurationError(str(error)) from None
+    if mask_spec is not None and not Path(mask_spec.checkpoint).expanduser().is_file():
+        raise ConfigurationError(f"sam_checkpoint {mask_spec.checkpoint} does not exist; set it to a local SAM checkpoint (.pth)")

@@ -54,12 +54,12 @@ def darken_masked(image: Image.Image, mask: Image.Image, prompt: str, out_size: 
 class ImageEditServer:
     """Start with `with ImageEditServer([...]) as server:`; `server.base_url` ends in /v1."""
 
-    def __init__(self, script: list[dict[str, Any]] | None = None, out_size: int = 256) -> None:
+    def __init__(self, script: list[dict[str, Any]] | None = None, out_size: int = 256, port: int = 0) -> None:
         self.script = script or [{}]
         self.out_size = out_size
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

@@ -167,3 +167,24 @@ def test_flux_fill_folder_runs_through_the_flux_fill_pipeline(tmp_path, nut):
     assert result.info["pipeline"] == "FluxFillPipeline" and result.info["guidance"] == 30.0
     assert result.image.shape == nut.shape and result.region.any()
     assert result.info["model_size"] == [32, 32]  # FLUX packs 2×2 latents: sizes are multiples of 16
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ANOMALY_AGENT_IMAGE_BACKEND": "diffusers", "ANOMALY_AGENT_DIFFUSION_MODEL_PATH": "/nonexistent/sd"}, "diffusion_model_path"),
+        ({"ANOMALY_AGENT_MASK_BACKEND": "sam", "ANOMALY_AGENT_SAM_CHECKPOINT": "/nonexistent/sam.pth"}, "sam_checkpoint"),
+    ],
+    ids=["diffusers-path", "sam-checkpoint"],
+)
+def test_batch_stops_before_any_sample_on_a_missing_model_file(env, expected, sample_dir, tmp_path, monkeypatch, capsys):
+    from graph.cli import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    code = main(["batch", "--input", str(sample_dir / "metal_nut"), "--category", "metal_nut",
+                 "--anomaly-types", "color", "--per-image", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0]
+    assert not out.exists(), "nothing may be written before the check passes"

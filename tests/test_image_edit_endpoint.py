@@ -113,3 +113,24 @@ def test_graph_runs_end_to_end_with_the_endpoint_backend(sample_dir, tmp_path):
     anomaly, mask = load_image(result["anomaly_path"]), load_mask(result["mask_path"])
     assert anomaly.shape == load_image(image).shape and mask.any()
     assert result["mask_iou"] > 0.5  # the change mask agrees with the region the backend reported
+
+
+def test_dead_endpoint_ends_runs_as_backend_error_and_resume_finishes_them(sample_dir, tmp_path):
+    from graph.batch import list_images, plan, run_batch
+
+    root = tmp_path / "out"
+    samples = plan(list_images(sample_dir / "metal_nut")[:1], "metal_nut", ["color"], 2, root, seed=0)
+    with ImageEditServer() as server:
+        url = server.base_url
+    overrides = {"image_backend": "endpoint", "image_edit_base_url": url, "image_edit_size": 128, "max_retries": 0,
+                 "request_timeout_s": 2}
+    dead = run_batch(samples, root, overrides=overrides, progress=False)
+    assert dead["statuses"] == {"backend_error": 2}, dead["statuses"]
+    assert not list((root / "metal_nut" / "test").rglob("*.png")), "no image was made, none may be written"
+
+    port = int(url.split(":")[-1].split("/")[0])
+    with ImageEditServer(port=port) as server:  # the endpoint is back, at the same address
+        assert server.base_url == url
+        resumed = run_batch(samples, root, overrides=overrides, resume=True, progress=False)
+    assert set(resumed["statuses"]) <= {"success", "budget_exhausted"} and resumed["samples"] == 2
+    assert len(list((root / "metal_nut" / "test").rglob("*.png"))) == 2

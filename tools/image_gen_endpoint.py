@@ -27,12 +27,12 @@ from PIL import Image
 from tools.edit_region import edit_result, model_size, paste_back, plan_edit, to_model
 from tools.image_gen import ProceduralEngine
 from tools.image_gen_diffusers import model_prompt
-from tools.types import GenerationRequest, GenerationResult
+from tools.types import BackendUnavailableError, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
 
-class ImageEditEndpointError(RuntimeError):
+class ImageEditEndpointError(BackendUnavailableError):
     """The image-edit endpoint could not answer (unreachable, too slow, refused, or a bad answer)."""
 
 

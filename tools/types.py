@@ -16,6 +16,14 @@ from pydantic import BaseModel, Field
 from tools.vocabulary import DefectSpec, Fix
 
 
+class BackendUnavailableError(RuntimeError):
+    """A model backend cannot serve right now (an endpoint down or too slow, a model that fails to load).
+
+    Why its own class: this is the infrastructure failing, not the sample; the graph ends the run with
+    status ``backend_error`` (never a crash mid-batch) and ``batch --resume`` runs the sample again.
+    """
+
+
 class KnowledgeEntry(BaseModel):
     """One defect description from the knowledge base."""
 
