@@ -78,8 +78,8 @@ def run_direct(images: list[tuple[Path, str, str]]) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
+    from evals.tables import measure_table
     from tools.samples import make_samples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,24 +108,25 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(wall)
     tools_share = sum(r["tools"] for r in agent) / total
     policy_share = sum(r["policy"] for r in agent) / total
-    table = Table(title=f"anomaly-agent, embedded backends, {args.size}x{args.size}, {len(agent)} samples, 1 process")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("median seconds / sample (agent)", f"{statistics.median(wall):.3f}")
-    table.add_row("p90 seconds / sample (agent)", f"{sorted(wall)[int(0.9 * (len(wall) - 1))]:.3f}")
-    table.add_row("median seconds / sample (direct tools, open loop)", f"{statistics.median(direct):.3f}")
-    table.add_row("agent / direct (median)", f"{statistics.median(wall) / statistics.median(direct):.2f}x")
-    table.add_row("mean tool calls / sample", f"{statistics.fmean(r['steps'] for r in agent):.1f}")
-    table.add_row("share inside tools", f"{100 * tools_share:.1f}%")
-    table.add_row("share in policy", f"{100 * policy_share:.1f}%")
-    table.add_row("share graph + I/O overhead", f"{100 * (1 - tools_share - policy_share):.1f}%")
+    rows = [
+        ("median seconds / sample (agent)", f"{statistics.median(wall):.3f}"),
+        ("p90 seconds / sample (agent)", f"{sorted(wall)[int(0.9 * (len(wall) - 1))]:.3f}"),
+        ("median seconds / sample (direct tools, open loop)", f"{statistics.median(direct):.3f}"),
+        ("agent / direct (median)", f"{statistics.median(wall) / statistics.median(direct):.2f}x"),
+        ("mean tool calls / sample", f"{statistics.fmean(r['steps'] for r in agent):.1f}"),
+        ("share inside tools", f"{100 * tools_share:.1f}%"),
+        ("share in policy", f"{100 * policy_share:.1f}%"),
+        ("share graph + I/O overhead", f"{100 * (1 - tools_share - policy_share):.1f}%"),
+    ]
     for key in sorted(k for k in agent[0] if k.startswith("t_") and k != "t_policy"):
-        values = [r.get(key, 0.0) for r in agent]
-        table.add_row(f"  {key[2:]} seconds / sample (mean)", f"{statistics.fmean(values):.3f}")
-    table.add_row("first run incl. model loads (s)", f"{warmup:.2f}")
-    table.add_row("peak RSS (MB)", f"{rss_peak:.0f}")
-    table.add_row("RSS at start (MB)", f"{rss_start:.0f}")
-    Console().print(table)
+        rows.append((f"  {key[2:]} seconds / sample (mean)", f"{statistics.fmean(r.get(key, 0.0) for r in agent):.3f}"))
+    rows += [
+        ("first run incl. model loads (s)", f"{warmup:.2f}"),
+        ("peak RSS (MB)", f"{rss_peak:.0f}"),
+        ("RSS at start (MB)", f"{rss_start:.0f}"),
+    ]
+    title = f"anomaly-agent, embedded backends, {args.size}x{args.size}, {len(agent)} samples, 1 process"
+    Console().print(measure_table(title, rows))
 
 
 if __name__ == "__main__":

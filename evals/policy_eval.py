@@ -289,23 +289,21 @@ def evaluate_policy(overrides: dict[str, Any], tasks: int, seed: int = 0, size: 
 
 def format_table(summary: dict[str, Any], title: str) -> Any:
     """A rich table of the summary, for the CLI."""
-    from rich.table import Table
+    from evals.tables import measure_table
 
-    table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("runs", str(summary["runs"]))
-    table.add_row("assistant turns", str(summary["turns"]))
-    table.add_row("valid turns (tool call or final answer)", f"{summary['valid_turns']:.3f}")
-    table.add_row("protocol adherence (runs)", f"{summary['protocol']:.3f}")
-    table.add_row("runs masked by the policy", f"{summary['masked_runs']:.3f}")
-    table.add_row("mean final QE score (0-10)", f"{summary['score']:.2f}")
-    table.add_row("mean steps", f"{summary['steps']:.2f}")
-    table.add_row("mean seconds / run", f"{summary['seconds_per_run']:.2f}")
-    table.add_row("statuses", ", ".join(f"{k} {v}" for k, v in sorted(summary["statuses"].items())))
-    for error in summary["errors"][:3]:
-        table.add_row("error", error)
-    return table
+    rows = [
+        ("runs", str(summary["runs"])),
+        ("assistant turns", str(summary["turns"])),
+        ("valid turns (tool call or final answer)", f"{summary['valid_turns']:.3f}"),
+        ("protocol adherence (runs)", f"{summary['protocol']:.3f}"),
+        ("runs masked by the policy", f"{summary['masked_runs']:.3f}"),
+        ("mean final QE score (0-10)", f"{summary['score']:.2f}"),
+        ("mean steps", f"{summary['steps']:.2f}"),
+        ("mean seconds / run", f"{summary['seconds_per_run']:.2f}"),
+        ("statuses", ", ".join(f"{k} {v}" for k, v in sorted(summary["statuses"].items()))),
+        *(("error", error) for error in summary["errors"][:3]),
+    ]
+    return measure_table(title, rows)
 
 
 def _text(message: AnyMessage) -> str:
