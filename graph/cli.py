@@ -22,6 +22,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is written for the user: shown as one line, no traceback."""
+    from evals.errors import EvalError
     from graph.batch import BatchError
     from graph.configuration import ConfigurationError
     from graph.policies.base import PolicyError
@@ -32,6 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.trajectories import TrajectoryError
 
     return (
+        EvalError,
         ReverseError,
         SFTConfigError,
         TrajectoryError,
@@ -166,6 +168,18 @@ def cmd_eval_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_generators(args: argparse.Namespace) -> int:
+    from evals.eval_cli import config_from_args
+    from evals.eval_report import markdown
+    from evals.generator_eval import last_line, run_eval
+
+    report = run_eval(config_from_args(args))
+    print(markdown(report))
+    print(f"wrote {args.out}/report.md, report.json, bars.png, matrix_*.png, contact_*.png", file=sys.stderr)
+    print(last_line(report))
+    return 0
+
+
 def _training(name: str) -> Callable[[argparse.Namespace], int]:
     """A training subcommand, imported from `training.commands` only when it runs."""
 
@@ -178,7 +192,8 @@ def _training(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 #: Benchmark name -> module whose `main(argv)` runs it (evals/ is imported only when asked for).
-BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study"}
+BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study",
+              "generators": "evals.bench_generators"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -240,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=128, help="side of the sample images in pixels")
     run_options(q)
     q.set_defaults(func=cmd_eval_policy)
+    q = ev.add_parser("generators", help="agent vs baselines: downstream localization/classification, IS/IC-LPIPS, samples/s")
+    from evals.eval_cli import add_arguments as add_eval_generator_arguments
+
+    add_eval_generator_arguments(q)
+    q.set_defaults(func=cmd_eval_generators)
 
     p = sub.add_parser("trajectories", help="training data: export graph traces, reverse-synthesize real anomalies")
     tr = p.add_subparsers(dest="trajectories_command", required=True)
@@ -274,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--time-limit", dest="time_limit", type=float, help="stop training after this many seconds")
     q.set_defaults(func=_training("cmd_train_sft"))
 
-    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop)")
+    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop), generators (agent vs baselines: samples/s, stages, memory)")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)

@@ -1,0 +1,133 @@
+"""Synthetic-anomaly datasets for the evaluation: normal images in, one MVTec-layout root per generator out.
+
+Why every generator writes files: the protocols read what a user would train on (the MVTec layout our
+batch writes), through one reader, whatever made the images. The agent's data comes from the real batch
+path (`graph.batch.plan` + `run_batch`: scripted policy, embedded backends, resumable); the baselines
+run in-process and write the same layout atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from evals.eval_cli import GENERATORS
+from evals.mvtec_io import Item, write_anomaly, write_normal
+from tools.imaging import load_image
+
+logger = logging.getLogger(__name__)
+
+#: The agent is the first generator: its row is the headline.
+AGENT = GENERATORS[0]
+#: Default defect types of the sample categories (types the engine and the catalog know).
+DEFAULT_TYPES: dict[str, list[str]] = {
+    "tile": ["crack", "oil", "rough"],
+    "carpet": ["color", "cut", "hole"],
+    "wood": ["color", "scratch", "hole"],
+    "metal_nut": ["scratch", "color", "bent"],
+    "capsule": ["crack", "poke", "squeeze"],
+}
+
+
+@dataclass
+class Generated:
+    """What one generator wrote for one set of normals: where, how many, how long, and sheet rows."""
+
+    generator: str
+    root: Path
+    samples: int
+    seconds: float
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # normal, anomaly, mask, label
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+def write_sample_normals(
+    root: Path, categories: list[str], train: int, test: int, size: int, seed: int
+) -> None:
+    """Normal images from `tools.samples` in the MVTec layout: `train` in train/good, `test` in test/good.
+
+    Train and test images are different variants (indices), so no test normal was seen in training.
+    """
+    from tools.samples import sample_image
+
+    for category in categories:
+        for i in range(train + test):
+            split, number = ("train", i) if i < train else ("test", i - train)
+            write_normal(root, category, split, number, sample_image(category, i, size=size, seed=seed))
+
+
+def sample_seed(seed: int, generator: str, category: str, anomaly_type: str, number: int) -> int:
+    """A sample's seed from its identity alone (reruns and reorderings draw the same sample)."""
+    return (seed * 1_000_003 + zlib.crc32(f"{generator}/{category}/{anomaly_type}".encode()) + number) % 2**31
+
+
+def generate(
+    generator: str,
+    normals: list[Item],
+    category: str,
+    types: list[str],
+    root: Path,
+    seed: int,
+    progress: bool = False,
+) -> Generated:
+    """One anomaly per (normal image, type), written under `root` in the MVTec layout.
+
+    Args:
+        generator: `AGENT` or a key of `evals.baselines.BASELINES`.
+        normals: The normal images to draw on, in order (sample number = index).
+        category: Catalog category (decides texture vs object and the agent's knowledge).
+        types: Defect types; each normal gets one anomaly of each.
+        root: Output root; ROOT/<category>/test/<type>/NNN.png and ground_truth/<type>/NNN_mask.png.
+        seed: Base seed.
+
+    Returns:
+        Counts, wall seconds and contact-sheet rows.
+    """
+    started = time.perf_counter()
+    if generator == AGENT:
+        rows = _generate_agent(normals, category, types, root, seed, progress)
+    else:
+        rows = _generate_baseline(generator, normals, category, types, root, seed)
+    seconds = time.perf_counter() - started
+    logger.info("%s: %d samples of %s in %.1f s", generator, len(rows), category, seconds)
+    return Generated(generator, root, len(rows), seconds, rows)
+
+
+def _generate_agent(
+    normals: list[Item], category: str, types: list[str], root: Path, seed: int, progress: bool
+) -> list[tuple[str, str, str, str]]:
+    from graph.batch import plan, run_batch
+
+    samples = plan([n.image for n in normals], category, types, 1, root, seed)
+    run_batch(samples, root, overrides={"seed": seed}, workers=1, resume=True, progress=progress)
+    return [
+        (s.image, s.anomaly_out, s.mask_out, f"agent {s.anomaly_type} #{s.number:03d}")
+        for s in samples
+        if Path(s.anomaly_out).is_file()
+    ]
+
+
+def _generate_baseline(
+    name: str, normals: list[Item], category: str, types: list[str], root: Path, seed: int
+) -> list[tuple[str, str, str, str]]:
+    from evals.baselines import make_baseline
+
+    baseline = make_baseline(name)
+    rows = []
+    for anomaly_type in types:
+        for number, normal in enumerate(normals):
+            rng = np.random.default_rng(sample_seed(seed, name, category, anomaly_type, number))
+            out = baseline(load_image(normal.image), category, anomaly_type, rng)
+            item = write_anomaly(root, category, anomaly_type, number, out.image, out.mask)
+            rows.append(
+                (str(normal.image), str(item.image), str(item.mask), f"{name} {anomaly_type} #{number:03d}")
+            )
+    return rows
