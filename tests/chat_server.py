@@ -15,62 +15,24 @@ The last step repeats. Every request body is kept in `requests`.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from scripted_http import JSONHandler, ScriptedServer
 
-class ScriptedChatServer:
+
+class ScriptedChatServer(ScriptedServer):
     """Start with `with ScriptedChatServer([...]) as server:`; `server.base_url` ends in /v1."""
 
     def __init__(self, script: list[dict[str, Any]], model: str = "scripted") -> None:
-        if not script:
-            raise ValueError("the script needs at least one step")
-        self.script = script
         self.model = model
-        self.requests: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> "ScriptedChatServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _next_step(self, body: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            index = min(len(self.requests), len(self.script) - 1)
-            self.requests.append(body)
-            return self.script[index]
+        super().__init__(script)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:  # keep test output quiet
-                pass
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-
+        class Handler(JSONHandler):
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})

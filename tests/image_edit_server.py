@@ -16,14 +16,14 @@ import base64
 import email.parser
 import email.policy
 import io
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from scripted_http import JSONHandler, ScriptedServer
 
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
@@ -51,54 +51,17 @@ def darken_masked(image: Image.Image, mask: Image.Image, prompt: str, out_size: 
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).resize((out_size, out_size), Image.BILINEAR)
 
 
-class ImageEditServer:
+class ImageEditServer(ScriptedServer):
     """Start with `with ImageEditServer([...]) as server:`; `server.base_url` ends in /v1."""
 
     def __init__(self, script: list[dict[str, Any]] | None = None, out_size: int = 256, port: int = 0) -> None:
-        self.script = script or [{}]
         self.out_size = out_size
-        self.requests: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> "ImageEditServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _next_step(self, fields: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            index = min(len(self.requests), len(self.script) - 1)
-            self.requests.append(fields)
-            return self.script[index]
+        super().__init__(script or [{}], port=port)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-
+        class Handler(JSONHandler):
             def do_POST(self) -> None:
                 if not self.path.rstrip("/").endswith("/images/edits"):
                     self._send(404, {"error": {"message": "not found"}})
