@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tools.imaging import ImageInputError
     from tools.knowledge.catalog import KnowledgeBaseError, UnknownAnomalyTypeError, UnknownCategoryError
     from training.reverse import ReverseError
+    from training.grpo_config import GRPOConfigError
     from training.sft_config import SFTConfigError
     from training.trajectories import TrajectoryError
 
@@ -36,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         EvalError,
         ReverseError,
         SFTConfigError,
+        GRPOConfigError,
         TrajectoryError,
         BatchError,
         ConfigurationError,
@@ -293,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
     q.add_argument("--time-limit", dest="time_limit", type=float, help="stop training after this many seconds")
     q.set_defaults(func=_training("cmd_train_sft"))
+    q = tr.add_parser("grpo", help="GRPO from groups of the policy's own rollouts through the graph")
+    q.add_argument("--config", required=True, help="YAML file of training.grpo_config.GRPOJobConfig fields")
+    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
+    q.add_argument("--model", help="override the config's starting model folder")
+    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    q.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint (optimizer and step)")
+    q.set_defaults(func=_training("cmd_train_grpo"))
 
     p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop), generators (agent vs baselines: samples/s, stages, memory)")
     p.add_argument("name", choices=sorted(BENCHMARKS))

@@ -10,6 +10,8 @@ Endpoints:
                                 ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``,
                                 ``logprobs``, ``return_token_ids``; no streaming
     GET  /health                200 once the model is loaded
+    POST /v1/load_weights       ``{"path": FOLDER}``: load the ``*.safetensors`` tensors there into the model
+                                (GRPO's weight sync between steps; `training.grpo_sync`)
 
 Requests are served one at a time (one model); a request whose client disconnects (e.g. on its
 timeout) is cancelled between two tokens, so the client's retry does not queue behind abandoned work.
@@ -122,8 +124,23 @@ def create_app(model: LocalModel, served_name: str | None = None, default_max_to
             return _error(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
         return JSONResponse(_response(name, chat, generations))
 
+    async def load_weights(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the request body is not valid JSON")
+        path = body.get("path") if isinstance(body, dict) else None
+        if not isinstance(path, str) or not path:
+            return _error(400, "give the folder to load from: {\"path\": \"/abs/folder\"}")
+        try:
+            count = await run_in_threadpool(model.load_weights, path)
+        except PolicyError as error:
+            return _error(400, str(error))
+        return JSONResponse({"status": "ok", "tensors": count, "path": path})
+
     routes = [
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/load_weights", load_weights, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]

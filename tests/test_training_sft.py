@@ -86,7 +86,7 @@ def test_sft_config_rejects_unknown_keys_and_missing_paths(tmp_path):
 
 def test_shipped_configs_parse():
     root = Path(__file__).resolve().parents[1] / "training" / "configs"
-    for path in sorted(root.glob("*.yaml")):
+    for path in sorted(root.glob("sft_*.yaml")):
         assert SFTJobConfig.from_yaml(path).output_dir
 
 

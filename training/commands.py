@@ -1,4 +1,4 @@
-"""The training subcommands of `anomaly-agent` (``trajectories export``, ``trajectories reverse``, ``train sft``).
+"""The training subcommands of `anomaly-agent` (``trajectories export``, ``trajectories reverse``, ``train sft``, ``train grpo``).
 
 `graph/cli.py` only declares their flags and imports this module when one of them runs, so the
 other commands never pay for datasets, TRL or matplotlib.
@@ -62,4 +62,28 @@ def cmd_train_sft(args: argparse.Namespace) -> int:
         f"checkpoint {summary['checkpoint']}",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_train_grpo(args: argparse.Namespace) -> int:
+    from training.grpo import train_grpo
+    from training.grpo_config import GRPOJobConfig
+
+    config = GRPOJobConfig.from_yaml(args.config, output_dir=args.output_dir, model=args.model, max_steps=args.max_steps)
+    summary = train_grpo(config, resume=args.resume, progress=sys.stderr.isatty())
+    for row in summary["history"]:
+        print(f"step {row['step']} reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f} "
+              f"(task {row['task']:.3f} reflection {row['reflection']:.3f} behaviour {row['behaviour']:.3f}) "
+              f"loss {row['loss']:.4f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
+              f"dropped {row['groups_dropped']} {row['seconds']:.0f}s")
+    print(f"curve {summary['curve']}; final model {summary['final_model']}; {summary['wall_seconds']:.0f} s")
+    before, after = summary["before"], summary["after"]
+    if before is None or after is None:
+        print(f"grpo steps {summary['steps']} (no held-out evaluation)")
+        return 0
+    for label, part in (("before", before), ("after", after)):
+        print(f"held-out {label}: reward {part['reward_mean']:.3f} std {part['reward_std']:.3f} "
+              f"within-group std {part['group_std_mean']:.3f} over {part['rollouts']} rollouts; "
+              f"score {part['score']:.2f} protocol {part['protocol']:.3f} masked_runs {part['masked_runs']:.3f}")
+    print(f"grpo reward_before {before['reward_mean']:.4f} reward_after {after['reward_mean']:.4f}")
     return 0

@@ -8,12 +8,9 @@ the TRL arguments that matter here are fields too, and `to_trl` fills the rest w
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 
 class SFTConfigError(ValueError):
@@ -86,24 +83,9 @@ class SFTJobConfig:
         Raises:
             SFTConfigError: the file is missing or not a mapping, a key is unknown, a required one missing.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise SFTConfigError(f"SFT config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise SFTConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise SFTConfigError(f"{path} must hold a mapping of keys to values")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise SFTConfigError(f"{path} has unknown keys: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        missing = [n for n in ("dataset", "output_dir") if n not in data]
-        if missing:
-            raise SFTConfigError(f"{path} must set {', '.join(missing)}")
-        return cls(**data)
+        from training.job_config import load_job_yaml
+
+        return load_job_yaml(cls, path, overrides, required=("dataset", "output_dir"), error=SFTConfigError, what="SFT")
 
     def to_trl(self, use_cpu: bool) -> Any:
         """The TRL `SFTConfig` for this run: assistant-only loss, and CPU-safe defaults."""

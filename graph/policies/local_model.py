@@ -62,6 +62,9 @@ class LocalModel:
         self.supports_tools = template_supports_tools(getattr(tokenizer, "chat_template", None))
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._lock = threading.Lock()
+        #: Conversations kept for prefix reuse (0: off); see `enable_prefix_cache`.
+        self.prefix_cache_size = 0
+        self._prefixes: list[tuple[list[int], Any]] = []
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -73,6 +76,68 @@ class LocalModel:
     @property
     def name(self) -> str:
         return self.path.name
+
+    def enable_prefix_cache(self, conversations: int) -> None:
+        """Reuse the attention cache of earlier turns of the same conversation (0 turns it off).
+
+        Why: an agent turn's prompt is the previous turn's prompt plus its reply and a tool result, so
+        without reuse every turn re-reads the whole run; on a CPU that prefill is most of a turn's time.
+        The last `conversations` caches are kept (about 46 KB per token for SmolLM2-135M), and a new
+        prompt continues the one sharing its longest prefix. Off by default: results equal a full
+        prefill only up to float rounding, and GRPO rollouts (which turn it on) want speed over that.
+        """
+        with self._lock:
+            self.prefix_cache_size = max(0, int(conversations))
+            self._prefixes = []
+
+    def load_weights(self, folder: str | Path) -> int:
+        """Load the ``*.safetensors`` tensors in `folder` into the model (names as `save_pretrained` writes).
+
+        Why: GRPO syncs a served rollout model with the trainer's weights between steps; a partial file
+        (only the trained layers) is enough. Returns the number of tensors loaded.
+
+        Raises:
+            PolicyError: no safetensors file there, or a tensor name the model does not have.
+        """
+        from safetensors.torch import load_file
+
+        files = sorted(Path(folder).glob("*.safetensors"))
+        if not files:
+            raise PolicyError(f"no .safetensors file in {folder}; save the weights with save_pretrained first")
+        state: dict[str, Any] = {}
+        for file in files:
+            state.update(load_file(str(file)))
+        own = self.model.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise PolicyError(f"{folder} holds tensors the model does not have: {', '.join(unknown[:3])}")
+        with self._lock:
+            self.model.load_state_dict(state, strict=False)
+            self._prefixes = []
+        return len(state)
+
+    def _take_prefix(self, prompt: list[int]) -> Any:
+        """The cached conversation sharing the longest prefix with `prompt`, cropped to it (None: none)."""
+        best, best_len = -1, 0
+        for index, (ids, _) in enumerate(self._prefixes):
+            n = 0
+            limit = min(len(ids), len(prompt) - 1)  # at least one prompt token must be fed
+            while n < limit and ids[n] == prompt[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = index, n
+        if best < 0 or best_len < 16:
+            return None
+        _, cache = self._prefixes.pop(best)
+        extra = int(cache.get_seq_length()) - best_len
+        if extra:
+            cache.crop(-extra)  # transformers 5: a negative count removes that many tokens from the end
+        return cache
+
+    def _keep_prefix(self, ids: list[int], cache: Any) -> None:
+        length = int(cache.get_seq_length())
+        self._prefixes.append((ids[:length], cache))
+        del self._prefixes[: -self.prefix_cache_size]
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         """The prompt ids for `messages` (OpenAI format) and `tools`, ending with the assistant's turn."""
@@ -149,7 +214,13 @@ class LocalModel:
                 raise GenerationCancelled("the request was cancelled before generation started")
             if seed is not None:
                 torch.manual_seed(int(seed))
+            if self.prefix_cache_size:
+                past = self._take_prefix(prompt)
+                if past is not None:
+                    options["past_key_values"] = past
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
+            if self.prefix_cache_size and getattr(output, "past_key_values", None) is not None:
+                self._keep_prefix([int(i) for i in output.sequences[0].tolist()], output.past_key_values)
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("the request was cancelled during generation")
         new_ids = [int(i) for i in output.sequences[0, len(prompt):].tolist()]
@@ -225,6 +296,9 @@ def _arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "tool_calls": calls}
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 def load_local_model(path: str | Path | None) -> LocalModel:
     """The model at `path` (a local HF folder), or the default SmolLM2 when None; cached per path.
 
@@ -235,7 +309,8 @@ def load_local_model(path: str | Path | None) -> LocalModel:
         from graph.policies.smollm2 import ensure_smollm2
 
         path = ensure_smollm2()
-    return _load(str(Path(path).expanduser().resolve()))
+    with _LOAD_LOCK:  # concurrent first loads would race in transformers' lazy imports and weight init
+        return _load(str(Path(path).expanduser().resolve()))
 
 
 @lru_cache(maxsize=2)

@@ -1,0 +1,209 @@
+"""GRPO end to end on a tiny random model: rollouts through the real graph, one update, resume, and the
+openai rollout backend against `serve-policy` as a real subprocess (with its weight sync)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from served_policy import Served
+from tiny_llm import build_tiny_llm
+
+from graph.cli import main
+from training import grpo_rollouts
+from training.grpo_config import GRPOConfigError, GRPOJobConfig
+from training.grpo_loss import build_sequences, group_advantages, per_token_loss
+from training.grpo_rewards import score_rollout
+from training.grpo_rollouts import Turn, run_groups
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_llm(tmp_path_factory.mktemp("grpo-tiny") / "model")
+
+
+def job(tmp: Path, model: Path, **fields) -> GRPOJobConfig:
+    base = {"output_dir": str(tmp / "out"), "model": str(model), "graph": {"max_steps": 3}, "num_generations": 2,
+            "max_steps": 1, "train_tasks": 2, "heldout_tasks": 1, "eval_generations": 2, "max_completion_length": 12,
+            "trainable_layers": 1, "learning_rate": 1e-2, "save_steps": 1, "workers": 2, "evaluate_before_after": False}
+    return GRPOJobConfig(**{**base, **fields})
+
+
+@pytest.fixture
+def likelihood_reward(monkeypatch):
+    """The real reward plus the log-probability of what the rollout generated (higher when it was likelier).
+
+    A random model's rollouts are all equally malformed, so their real rewards tie and the group would be
+    dropped; this keeps the real scoring path and gives the group a spread to learn from.
+    """
+
+    def scored(output, record, **kwargs):
+        reward = score_rollout(output, record, **kwargs)
+        logprob = sum(sum((m.response_metadata or {}).get("logprobs") or []) for m in output.get("messages") or [])
+        return type(reward)(**{**reward.as_dict(), "total": reward.total + logprob / 100})
+
+    monkeypatch.setattr(grpo_rollouts, "score_rollout", scored)
+
+
+def trained_tensors(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, sample_dir):
+    from evals.policy_eval import make_tasks
+
+    config = job(tmp_path, tiny)
+    tasks = make_tasks(tmp_path / "tasks", 1, seed=7)
+    groups = run_groups(tasks, 2, config.graph_overrides(), tmp_path / "runs", config.weights, workers=2)
+    assert len(groups) == 1 and len(groups[0]) == 2
+    for rollout in groups[0]:
+        assert math.isfinite(rollout.reward.total) and rollout.reward.valid_turns == 0.0
+        assert rollout.reward.total < 0.5 and rollout.turns and rollout.untracked_turns == 0
+        for turn in rollout.turns:
+            assert turn.logprobs is not None and len(turn.logprobs) == len(turn.token_ids) <= 12
+        sequences = build_sequences(rollout.turns, 1.0)
+        assert sum(len(s.positions) for s in sequences) == sum(len(t.token_ids) for t in rollout.turns)
+
+
+def test_prefix_cache_continues_a_conversation_with_the_same_tokens_and_logprobs(tiny):
+    from graph.policies.local_model import load_local_model
+    from graph.tool_calls import tool_schemas
+
+    model = load_local_model(tiny)
+
+    def conversation() -> list:
+        messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "add a crack"}]
+        out = []
+        for turn in range(3):
+            g = model.generate(messages, tools=tool_schemas(), temperature=1.0, max_new_tokens=8, seed=turn, logprobs=True)
+            out.append((g.token_ids, g.logprobs))
+            messages = messages + [{"role": "assistant", "content": g.text}, {"role": "user", "content": f"result {turn}"}]
+        return out
+
+    try:
+        plain = conversation()
+        model.enable_prefix_cache(4)
+        cached = conversation()
+        assert model._prefixes  # the cache was used and kept
+    finally:
+        model.enable_prefix_cache(0)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(plain, cached):
+        assert ids_a == ids_b and max(abs(a - b) for a, b in zip(lp_a, lp_b)) < 1e-4
+
+
+def test_sequences_merge_turns_that_extend_each_other_and_split_otherwise():
+    a = Turn([1, 2, 3], [4, 5], [-0.1, -0.2])
+    b = Turn([1, 2, 3, 4, 5, 9], [6], [-0.3])
+    c = Turn([1, 2, 7], [8], [-0.4])
+    merged = build_sequences([a, b], 0.5)
+    assert len(merged) == 1 and merged[0].ids == [1, 2, 3, 4, 5, 9, 6] and merged[0].positions == [3, 4, 6]
+    assert merged[0].old_logprobs == [-0.1, -0.2, -0.3]
+    split = build_sequences([a, c], 0.5)
+    assert [s.ids for s in split] == [[1, 2, 3, 4, 5], [1, 2, 7, 8]]
+
+
+def test_advantages_are_group_relative_and_flat_groups_are_dropped():
+    assert group_advantages([1.0, 1.0, 1.0]) is None
+    advantages = group_advantages([0.0, 1.0])
+    assert advantages[0] < 0 < advantages[1] and abs(sum(advantages)) < 1e-9
+
+
+def test_clipped_loss_and_kl_follow_trl():
+    import torch
+
+    logp, old = torch.tensor([-1.0, -1.0]), torch.tensor([-1.5, -0.5])  # ratios e^0.5 (clipped), e^-0.5
+    loss, kl, clipped = per_token_loss(logp, old, torch.tensor([-1.0, -2.0]), 1.0, beta=0.1, epsilon=0.2)
+    assert loss[0].item() == pytest.approx(-1.2) and clipped.tolist() == [True, False]
+    assert kl[0].item() == 0.0 and kl[1].item() == pytest.approx(math.exp(-1) + 1 - 1)
+    assert loss[1].item() == pytest.approx(-math.exp(-0.5) + 0.1 * kl[1].item())
+
+
+def test_one_grpo_step_changes_the_weights_logs_a_finite_loss_and_resumes(tiny, tmp_path, sample_dir, likelihood_reward):
+    from graph.policies.local_model import load_local_model
+
+    before = {k: v.clone() for k, v in load_local_model(tiny).model.state_dict().items()}
+    config_file = tmp_path / "grpo.yaml"
+    fields = job(tmp_path, tiny).__dict__
+    config_file.write_text(yaml.safe_dump(fields))
+    assert main(["train", "grpo", "--config", str(config_file)]) == 0
+    out = Path(fields["output_dir"])
+    rows = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["groups_dropped"] == 0 and rows[0]["tokens"] > 0
+    assert math.isfinite(rows[0]["loss"]) and math.isfinite(rows[0]["kl"]) and rows[0]["grad_norm"] > 0
+    rollouts = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 and {"task", "reflection", "behaviour", "total"} <= set(rollouts[0])
+    after = trained_tensors(out / "final")
+    changed = [k for k in after if k in before and not (after[k] == before[k]).all()]
+    assert changed and all(".layers.1." in k or k == "model.norm.weight" for k in changed)
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 1
+
+    assert main(["train", "grpo", "--config", str(config_file), "--resume", "--max-steps", "2"]) == 0
+    rows = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_openai_rollouts_through_serve_policy_record_tokens_and_sync_weights(tiny, tmp_path, sample_dir, likelihood_reward):
+    import torch
+
+    from training.grpo import train_grpo
+
+    served = Served(tiny)
+    try:
+        config = job(tmp_path, tiny, rollout_backend="openai", base_url=served.base_url, weight_sync="serve-policy")
+        tasks_dir = tmp_path / "t"
+        from evals.policy_eval import make_tasks
+
+        groups = run_groups(make_tasks(tasks_dir, 1, seed=7), 2, config.graph_overrides(), tmp_path / "runs",
+                            config.weights, workers=2)
+        turns = [t for r in groups[0] for t in r.turns]
+        assert turns and all(t.prompt_ids and t.logprobs is not None and len(t.logprobs) == len(t.token_ids) for t in turns)
+
+        summary = train_grpo(config)
+        assert summary["steps"] == 1 and math.isfinite(summary["history"][0]["loss"])
+        synced = Path(config.output_dir) / "sync" / "model.safetensors"
+        assert synced.is_file()
+        from safetensors.torch import load_file, save_file
+
+        zeros = {k: torch.zeros_like(v) for k, v in load_file(str(synced)).items()}
+        (tmp_path / "zero").mkdir()
+        save_file(zeros, str(tmp_path / "zero" / "model.safetensors"))
+        answer = httpx.post(served.base_url.removesuffix("/v1") + "/v1/load_weights", json={"path": str(tmp_path / "zero")}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["tensors"] == len(zeros)
+        bad = httpx.post(served.base_url.removesuffix("/v1") + "/v1/load_weights", json={"path": str(tmp_path)}, timeout=30)
+        assert bad.status_code == 400 and "safetensors" in bad.json()["error"]["message"]
+    finally:
+        served.stop()
+
+
+def test_shipped_grpo_configs_parse_and_build_trls_config():
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    paths = sorted(root.glob("grpo_*.yaml"))
+    assert paths
+    for path in paths:
+        config = GRPOJobConfig.from_yaml(path)
+        args = config.to_trl()
+        assert args.num_generations == config.num_generations and args.beta == config.beta
+        assert config.graph_overrides()["temperature"] == 1.0 and config.graph_overrides()["record_token_ids"]
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(GRPOConfigError, match="base_url"):
+        GRPOJobConfig(output_dir="x", rollout_backend="openai")
+    with pytest.raises(GRPOConfigError, match="num_generations"):
+        GRPOJobConfig(output_dir="x", num_generations=1)
+    with pytest.raises(GRPOConfigError, match="pass_qualty"):
+        GRPOJobConfig(output_dir="x", graph={"pass_qualty": 4})
+    (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
+    with pytest.raises(GRPOConfigError, match="learning_rat"):
+        GRPOJobConfig.from_yaml(tmp_path / "c.yaml")

@@ -1,0 +1,274 @@
+"""`anomaly-agent train grpo`: GRPO of a policy from groups of its own rollouts through the real graph (DESIGN §6).
+
+One step, nanoGPT-style in one loop:
+1. rollouts: `tasks_per_step` training tasks x `num_generations` runs through `graph.graph.build_graph`
+   at `temperature` (`training.grpo_rollouts`), each scored by the three rewards (`training.grpo_rewards`);
+2. update: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
+   frozen copy of the starting policy on the policy's tokens only (`training.grpo_loss`), gradients
+   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW;
+3. log a row to ``rewards.jsonl`` (reward mean/std, each component, loss, KL, clip fraction, seconds) and
+   redraw ``reward_curve.png``; every `save_steps` save ``checkpoint/`` (trained tensors, optimizer, state),
+   which ``--resume`` continues from; with the openai backend, sync the weights to the server.
+
+Before the first and after the last step the mean reward on the held-out tasks (the `eval policy` tasks
+of `heldout_seed`, never trained on: training images are checked disjoint by content hash) is measured
+with `eval_generations` rollouts each, and the last line the CLI prints is
+``grpo reward_before <a> reward_after <b>``.
+
+The local backend trains the very model object the graph's `local` policy generates with (models are
+cached per path), so rollouts after an update use the updated weights with no copy or reload.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from training.grpo_config import GRPOConfigError, GRPOJobConfig
+from training.grpo_loss import accumulate_gradients, rollout_sequences
+from training.grpo_rollouts import reward_summary, run_groups
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+TRAINED_FILE = "trained.safetensors"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+STEPS_FILE = "rewards.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
+CURVE_FILE = "reward_curve.png"
+SUMMARY_FILE = "grpo_summary.json"
+FINAL = "final"
+
+
+def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list[Any]]:
+    """(training tasks, held-out tasks); raises if a training image is a held-out image."""
+    from evals.policy_eval import make_tasks
+    from training.data import check_disjoint, eval_image_hashes
+
+    if config.train_sample_seed == config.heldout_seed:
+        raise GRPOConfigError("train_sample_seed must differ from heldout_seed (the held-out images come from it)")
+    heldout = make_tasks(folder / "heldout", config.heldout_tasks, seed=config.heldout_seed, size=config.image_size)
+    train = make_tasks(folder / "train", config.train_tasks, seed=config.train_sample_seed, size=config.image_size)
+    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.image_size, (config.heldout_seed,)))
+    return train, heldout
+
+
+def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
+    """(the model to train, the LocalModel the rollouts use or None for the openai backend)."""
+    from graph.policies.local_model import load_local_model
+
+    local = load_local_model(config.model)
+    if config.rollout_backend == "local":
+        local.enable_prefix_cache(config.prefix_cache)
+        return local.model, local
+    return copy.deepcopy(local.model), None  # the server generates; this copy only trains
+
+
+def trained_parameters(model: Any) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> Path:
+    """Write the trained tensors, the optimizer and the trainer state; the folder is replaced atomically."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    work = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in trained_parameters(model).items()}, str(work / TRAINED_FILE))
+    torch.save(optimizer.state_dict(), work / OPTIMIZER_FILE)
+    (work / STATE_FILE).write_text(json.dumps(state, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    work.rename(folder)
+    return folder
+
+
+def load_checkpoint(folder: Path, model: Any, optimizer: Any) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote; returns the trainer state (next step, history, before)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not (folder / STATE_FILE).is_file():
+        raise GRPOConfigError(f"--resume: no checkpoint in {folder}")
+    model.load_state_dict(load_file(str(folder / TRAINED_FILE)), strict=False)
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=False))
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def evaluate(config: GRPOJobConfig, tasks: list[Any], out: Path, label: str, progress: bool) -> dict[str, Any]:
+    """The held-out reward: `eval_generations` rollouts per task, summarised with their spread.
+
+    The same tasks and run seeds before and after training, so the two means are paired samples.
+    """
+    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / label, config.weights,
+                        workers=config.workers, progress=progress, desc=f"held-out {label}")
+    summary = reward_summary(groups)
+    _append_jsonl(out / f"heldout_{label}.jsonl", [r.log_row() for g in groups for r in g])
+    logger.info("held-out %s: reward %.3f (std %.3f, within-group std %.3f)", label, summary["reward_mean"],
+                summary["reward_std"], summary["group_std_mean"])
+    return summary
+
+
+def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run GRPO as configured; return the summary also written to ``output_dir/grpo_summary.json``."""
+    import shutil
+
+    import torch
+
+    from training.grpo_sync import sync_weights
+    from training.sft import freeze_for_training
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    trl_args = config.to_trl()  # TRL's GRPOConfig validates and holds the optimisation fields
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, local = load_policy(config)
+    ref = None
+    if trl_args.beta != 0.0:
+        ref = copy.deepcopy(model).eval()
+        for parameter in ref.parameters():
+            parameter.requires_grad = False
+    params = freeze_for_training(model, config.trainable_layers, False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=trl_args.learning_rate,
+                                  weight_decay=trl_args.weight_decay)
+    train_tasks, heldout = make_task_sets(config, out / "tasks")
+    state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
+    if resume:
+        state = load_checkpoint(out / CHECKPOINT, model, optimizer)
+        logger.info("resumed at step %d from %s", state["step"], out / CHECKPOINT)
+        if config.rollout_backend == "openai":
+            sync_weights(config, model, out / "sync")
+    else:
+        for name in (STEPS_FILE, ROLLOUTS_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    started = time.perf_counter()
+    if config.evaluate_before_after and state["before"] is None:
+        state["before"] = evaluate(config, heldout, out, "before", progress)
+    gas = trl_args.gradient_accumulation_steps
+    train_started = time.perf_counter() - state["train_seconds"]
+    stopped_by_time = False
+    for step in range(state["step"], trl_args.max_steps):
+        t0 = time.perf_counter()
+        tasks = [train_tasks[(step * config.tasks_per_step + j) % len(train_tasks)] for j in range(config.tasks_per_step)]
+        run_dir = out / "runs" / f"step{step:04d}"
+        groups = run_groups(tasks, trl_args.num_generations, config.graph_overrides(), run_dir, config.weights,
+                            workers=config.workers, progress=progress, desc=f"step {step + 1} rollouts")
+        shutil.rmtree(run_dir, ignore_errors=True)  # images of finished rollouts are not needed again
+        t_rollouts = time.perf_counter() - t0
+        _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
+        sequences, dropped = rollout_sequences(groups)
+        update: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "tokens": 0}
+        for _ in range(trl_args.num_iterations):
+            update = accumulate_gradients(model, ref, sequences, beta=trl_args.beta, epsilon=trl_args.epsilon,
+                                          progress=progress)
+            if (step + 1) % gas == 0 or trl_args.num_iterations > 1:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                                 trl_args.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update["grad_norm"] = grad_norm
+                if local is not None:
+                    local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
+        summary = reward_summary(groups)
+        row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
+               "groups_dropped": dropped, "sequences": len(sequences), **update,
+               "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
+        state["history"].append(row)
+        _append_jsonl(out / STEPS_FILE, [row])
+        logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
+                    row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
+        state["step"] = step + 1
+        state["train_seconds"] = time.perf_counter() - train_started
+        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None)
+        if config.rollout_backend == "openai" and config.weight_sync != "none":
+            sync_weights(config, model, out / "sync")
+        limit_hit = config.time_limit_s is not None and state["train_seconds"] > config.time_limit_s
+        if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
+            save_checkpoint(out / CHECKPOINT, model, optimizer, state)
+        if limit_hit:
+            stopped_by_time = True
+            logger.warning("time limit of %.0f s reached after step %d", config.time_limit_s, step + 1)
+            break
+    after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
+    plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after)
+    _save_final(model, config, out / FINAL)
+    summary = {
+        "model": str(config.model), "output_dir": str(out), "final_model": str(out / FINAL),
+        "steps": state["step"], "parameters": params, "torch_threads": torch.get_num_threads(),
+        "before": state.get("before"), "after": after, "history": state["history"],
+        "train_seconds": round(state["train_seconds"], 1), "stopped_by_time_limit": stopped_by_time,
+        "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
+        "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout],
+        "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(train_tasks)
+                                    if i < state["step"] * config.tasks_per_step}),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _save_final(model: Any, config: GRPOJobConfig, folder: Path) -> None:
+    """A full model folder (weights + tokenizer with its chat template) that `--model` and serve-policy load."""
+    from transformers import AutoTokenizer
+
+    from training.sft import resolve_model
+
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(resolve_model(config.model), local_files_only=True).save_pretrained(str(folder))
+
+
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def plot_reward_curve(history: list[dict[str, Any]], path: Path, before: dict[str, Any] | None,
+                      after: dict[str, Any] | None) -> Path | None:
+    """A PNG: training reward per step (mean +- std over the step's rollouts), its components, and the
+    held-out reward before and after training with its spread."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history and before is None:
+        return None
+    steps = [row["step"] for row in history]
+    figure, (axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if history:
+        mean = [row["reward_mean"] for row in history]
+        std = [row["reward_std"] for row in history]
+        axis.plot(steps, mean, marker="o", label="train reward (mean of G x tasks)")
+        axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        for key, style in (("task", "--"), ("reflection", ":"), ("behaviour", "-.")):
+            axis.plot(steps, [row[key] for row in history], style, label=key)
+        loss_axis.plot(steps, [row["loss"] for row in history], marker=".", label="loss")
+        loss_axis.plot(steps, [row["kl"] for row in history], marker=".", label="KL (k3)")
+        loss_axis.plot(steps, [row["clip_fraction"] for row in history], marker=".", label="clip fraction")
+    for label, summary, x in (("held-out before", before, 0), ("held-out after", after, (steps[-1] if steps else 0) + 1)):
+        if summary:
+            axis.errorbar([x], [summary["reward_mean"]], yerr=[summary["group_std_mean"]], fmt="s", capsize=4,
+                          label=f"{label} {summary['reward_mean']:.3f}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("reward")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    loss_axis.set_xlabel("step")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend(fontsize=7)
+    figure.suptitle("GRPO through the agent graph")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,102 @@
+"""The three GRPO rewards of DESIGN §6, computed from a finished graph run: task, reflection, behaviour.
+
+    R = w_task * task + w_reflection * reflection + w_behaviour * behaviour
+
+* task: the final QE score / 10 (0 when the run returned no evaluated image), mixed with the IoU of the
+  final mask against the generator's change region (the embedded image engine reports where it drew,
+  which is a ground truth) with weight `mask_iou_weight`.
+* reflection: sum over successive image_gen attempts of max(0, S_m - S_{m-1}) / 10, where S_m is the QE
+  score of the m-th evaluated attempt: a retry that fixes what QE named is paid, a worse one is not punished.
+* behaviour: the mean of three checks, each in [0, 1] - the share of valid turns (one validating call, or
+  a final answer after mask_gen), protocol order (`evals.policy_eval.follows_protocol`: PG first, KR only
+  after a failed QE, MG last and only after a pass) and whether the policy masked its own image - minus
+  `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one).
+
+Why the eval's measures: a reward that disagreed with `anomaly-agent eval policy` would train the policy
+towards a different target than the one it is judged on. Every function here is pure over the run's
+output and trajectory record, so a malformed run (no calls, garbage text) gets low numbers, never an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from langchain_core.messages import ToolMessage
+
+BUDGET_REFUSAL = "budget is used up"
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """The weights of R and its sub-terms (set in the GRPO config)."""
+
+    task: float = 1.0
+    reflection: float = 1.0
+    behaviour: float = 0.5
+    mask_iou_weight: float = 0.0
+    over_budget_penalty: float = 0.1
+
+
+@dataclass(frozen=True)
+class RewardBreakdown:
+    """One rollout's reward and every component, as logged per rollout."""
+
+    total: float
+    task: float
+    reflection: float
+    behaviour: float
+    score: float
+    mask_iou: float | None
+    valid_turns: float
+    protocol: bool
+    masked_by_policy: bool
+    over_budget: int
+    image_gens: int
+    status: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_reward(result: dict[str, Any], mask_iou_weight: float = 0.0) -> tuple[float, float | None]:
+    """(task reward, mask IoU or None) from a run's ``result``."""
+    score = float(result.get("score") or 0.0) / 10.0
+    iou = result.get("mask_iou")
+    if iou is None or mask_iou_weight <= 0:
+        return score, None if iou is None else float(iou)
+    return (1 - mask_iou_weight) * score + mask_iou_weight * float(iou), float(iou)
+
+
+def reflection_reward(evaluations: dict[str, dict[str, Any]]) -> float:
+    """Sum of score gains between successive evaluated attempts (in image order), / 10."""
+    scores = [float(e["location"]) + float(e["quality"]) for _, e in sorted(evaluations.items(), key=lambda kv: int(kv[0]))]
+    return sum(max(0.0, b - a) for a, b in zip(scores, scores[1:])) / 10.0
+
+
+def over_budget_calls(messages: list[Any], status: str) -> int:
+    """Calls the graph refused for budget, plus one when the run ran out of steps."""
+    refused = sum(isinstance(m, ToolMessage) and BUDGET_REFUSAL in str(m.content) for m in messages)
+    return refused + (status == "budget_exhausted")
+
+
+def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,
+                  weights: RewardWeights) -> RewardBreakdown:
+    """The reward of one finished run from the graph's output and its trajectory record (see module doc)."""
+    from evals.policy_eval import measure_run
+
+    result = output.get("result") or {}
+    metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
+    task, iou = task_reward(result, weights.mask_iou_weight)
+    evaluations = record.get("evaluations") or {}
+    reflection = reflection_reward(evaluations)
+    valid_share = metrics.valid_turns / metrics.turns if metrics.turns else 0.0
+    over = over_budget_calls(output.get("messages") or [], metrics.status)
+    behaviour = (valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
+    behaviour -= weights.over_budget_penalty * over
+    total = weights.task * task + weights.reflection * reflection + weights.behaviour * behaviour
+    return RewardBreakdown(
+        total=total, task=task, reflection=reflection, behaviour=behaviour, score=metrics.score, mask_iou=iou,
+        valid_turns=valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
+        over_budget=over, image_gens=int(result.get("image_gens") or 0), status=metrics.status,
+    )
