@@ -80,10 +80,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_path, sam_path = args.diffusion_model, args.sam_checkpoint
     started = time.perf_counter()
     if model_path is None:
-        from evals.random_backends import sd_inpaint_pipeline
+        from evals.random_backends import sd_inpaint_pipeline, sdxl_inpaint_pipeline
 
         folder = work / f"random-sd-{args.random_sd}"
-        model_path = str(folder if (folder / "model_index.json").is_file() else sd_inpaint_pipeline(folder, size=args.random_sd))
+        family, _, size = args.random_sd.rpartition("-") if args.random_sd.startswith("xl") else ("sd", "", args.random_sd)
+        build = sdxl_inpaint_pipeline if family == "xl" else sd_inpaint_pipeline
+        model_path = str(folder if (folder / "model_index.json").is_file() else build(folder, size=size or "full"))
     if sam_path is None:
         from evals.random_backends import sam_checkpoint
 
@@ -147,7 +149,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--diffusion-model", help="local diffusers inpainting folder (default: random weights)")
-    parser.add_argument("--random-sd", choices=["tiny", "full"], default="full", help="random SD inpainting size")
+    parser.add_argument("--random-sd", choices=["tiny", "full", "xl-tiny", "xl-full"], default="full",
+                        help="random-weight inpainting model: SD 1.5 (tiny/full) or SDXL (xl-tiny/xl-full) architecture")
     parser.add_argument("--sam-checkpoint", help="local SAM checkpoint (default: random weights)")
     parser.add_argument("--random-sam", choices=["tiny", "vit_b", "vit_l", "vit_h"], default="vit_b")
     parser.add_argument("--sam-model-type", default="auto", choices=["auto", "vit_b", "vit_l", "vit_h"])

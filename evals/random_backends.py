@@ -91,6 +91,75 @@ def sd_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) -
     return folder
 
 
+def sdxl_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a Stable Diffusion XL inpainting pipeline (9-channel UNet, two text encoders) with random weights.
+
+    Why: SDXL inpainting is the common production choice at 1024 px; its UNet is ~2.6B parameters with
+    micro-conditioning ("text_time" added embeddings), so its cost cannot be read off SD 1.5's.
+
+    Args:
+        folder: Output folder (a diffusers pipeline folder with model_index.json).
+        size: ``tiny`` (same structure, small widths, for tests) or ``full`` (the SDXL architecture, 1024 px).
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    if size == "tiny":
+        widths, per_block, heads, sample = (32, 64), (1, 2), (2, 4), 32
+        text_1 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+        text_2 = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+        vae_widths, vae_sample = (32, 64), 64
+        down = ("DownBlock2D", "CrossAttnDownBlock2D")
+        up = ("CrossAttnUpBlock2D", "UpBlock2D")
+    elif size == "full":
+        widths, per_block, heads, sample = (320, 640, 1280), (1, 2, 10), (5, 10, 20), 128
+        text_1 = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+        text_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32)
+        vae_widths, vae_sample = (128, 256, 512, 512), 1024
+        down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    else:
+        raise ValueError(f"size must be tiny or full; got {size}")
+    cross = text_1["hidden_size"] + text_2["hidden_size"]
+    time_dim = 256 if size == "full" else 8
+    unet = UNet2DConditionModel(
+        sample_size=sample, in_channels=9, out_channels=4, down_block_types=down, up_block_types=up,
+        block_out_channels=widths, layers_per_block=2, transformer_layers_per_block=per_block,
+        attention_head_dim=heads, cross_attention_dim=cross, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        # pooled text (text_2 width) + 6 micro-conditioning numbers, each embedded in time_dim
+        projection_class_embeddings_input_dim=text_2["hidden_size"] + 6 * time_dim,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(block_out_channels=vae_widths, latent_channels=4, layers_per_block=2 if size == "full" else 1,
+                        sample_size=vae_sample, down_block_types=("DownEncoderBlock2D",) * len(vae_widths),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_widths))
+    common = dict(vocab_size=len(_CHARS) * 2 + 2 if size == "tiny" else 49408, max_position_embeddings=77,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    encoder_1 = CLIPTextModel(CLIPTextConfig(**text_1, **common, projection_dim=text_1["hidden_size"]))
+    encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2, **common, projection_dim=text_2["hidden_size"]))
+    tok_dir = folder / "_tokenizer"
+    tiny_clip_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    pipe = StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=encoder_1, text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                    steps_offset=1, timestep_spacing="leading"),
+        requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder))
+    for child in tok_dir.iterdir():
+        child.unlink()
+    tok_dir.rmdir()
+    return folder
+
+
 def sam_checkpoint(path: str | Path, model_type: str = "tiny", seed: int = 0) -> Path:
     """Write a SAM state dict with random weights: ``tiny`` (256 px, 2 blocks) or vit_b / vit_l / vit_h."""
     from tools.mask_gen_sam import SamArchitecture, build_sam, published_architecture

@@ -188,3 +188,14 @@ def test_batch_stops_before_any_sample_on_a_missing_model_file(env, expected, sa
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0]
     assert not out.exists(), "nothing may be written before the check passes"
+
+
+def test_sdxl_inpainting_folder_runs_through_the_auto_pipeline(tmp_path, nut):
+    from evals.random_backends import sdxl_inpaint_pipeline
+
+    folder = sdxl_inpaint_pipeline(tmp_path / "sdxl", size="tiny")
+    inpainter = _inpainter(folder, diffusion_steps=2)
+    assert type(inpainter.pipe).__name__ == "StableDiffusionXLInpaintPipeline"
+    result = inpainter.generate(nut, GenerationRequest(prompt="a large dark stain", category="metal_nut",
+                                                       anomaly_type="color", default_shape="stain", seed=3))
+    assert result.image.shape == nut.shape and result.region is not None and result.region.any()
