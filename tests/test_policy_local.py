@@ -127,3 +127,77 @@ def test_bundled_smollm2_converts_once_with_a_tool_template(tmp_path):
     assert model.supports_tools and "quantization_config" not in (folder / "config.json").read_text()
     reply = model.generate(CONVERSATION[:2], tools=tool_schemas(), max_new_tokens=8)
     assert reply.token_ids and reply.text
+
+
+PROMPTS = [[{"role": "system", "content": "s"}, {"role": "user", "content": "add a crack" + " more" * k}] for k in (0, 7, 30)]
+
+
+def _recomputed_logprobs(model, prompt: list[int], ids: list[int]) -> list[float]:
+    """log p of each generated id from one plain forward pass over prompt + ids (no cache, no padding)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model.model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+def test_batched_greedy_generation_equals_one_row_at_a_time_for_prompts_of_different_lengths(tiny_model):
+    from graph.policies.batched_generation import DecodeRequest
+
+    model = load_local_model(tiny_model)
+    prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
+    assert len({len(p) for p in prompts}) == 3
+    single = [model.generate(c, tools=tool_schemas(), max_new_tokens=10, logprobs=True) for c in PROMPTS]
+    limits = [10, 4, 10]  # rows stop at different steps
+    batched = model.generate_batch([DecodeRequest(p, n, logprobs=True) for p, n in zip(prompts, limits)])
+    for one, row, prompt, limit in zip(single, batched, prompts, limits):
+        assert row.token_ids == one.token_ids[:limit] and row.prompt_token_ids == prompt
+        assert row.logprobs == pytest.approx(_recomputed_logprobs(model, prompt, row.token_ids), abs=1e-4)
+        assert len(row.tokens) == len(row.token_ids)
+    assert batched[0].text == single[0].text and batched[0].finish_reason == single[0].finish_reason
+
+
+def test_batched_rows_continue_their_cached_conversations_with_the_same_tokens(tiny_model, monkeypatch):
+    from graph.policies.batched_generation import DecodeRequest
+
+    model = load_local_model(tiny_model)
+    prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
+    taken = []
+    take = model._take_prefix
+    monkeypatch.setattr(model, "_take_prefix", lambda prompt: taken.append(take(prompt)) or taken[-1])
+    try:
+        model.enable_prefix_cache(4)
+        first = model.generate_batch([DecodeRequest(p, 8) for p in prompts])
+        follow = [c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "result" + " x" * k}]
+                  for c, g, k in zip(PROMPTS, first, (5, 0, 2))]
+        second = [model.render(c, tool_schemas()) for c in follow]
+        cached = model.generate_batch([DecodeRequest(p, 8, temperature=1.0, seed=i, logprobs=True)
+                                       for i, p in enumerate(second)])
+    finally:
+        model.enable_prefix_cache(0)
+    assert all(cache is not None for cache in taken[3:])  # every row of the second batch continued its cache
+    plain = model.generate_batch([DecodeRequest(p, 8, temperature=1.0, seed=i, logprobs=True)
+                                  for i, p in enumerate(second)])
+    for a, b in zip(cached, plain):
+        assert a.token_ids == b.token_ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_scheduler_decodes_the_active_clients_requests_as_one_batch(tiny_model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load_local_model(tiny_model)
+    alone = [model.generate(c, tools=tool_schemas(), max_new_tokens=6) for c in PROMPTS]
+    try:
+        model.enable_batching(True, wait_s=5.0)
+        batcher = model.batcher
+
+        def client(conversation):
+            with batcher.client():
+                return model.generate(conversation, tools=tool_schemas(), max_new_tokens=6)
+
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(client, PROMPTS))
+    finally:
+        model.enable_batching(False)
+    assert batcher.batch_sizes == [3]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]

@@ -65,6 +65,7 @@ def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
     local = load_local_model(config.model)
     if config.rollout_backend == "local":
         local.enable_prefix_cache(config.prefix_cache)
+        local.enable_batching(config.batch_generation)
         return local.model, local
     return copy.deepcopy(local.model), None  # the server generates; this copy only trains
 

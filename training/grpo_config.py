@@ -43,7 +43,10 @@ class GRPOJobConfig:
             seed) and the rollouts per held-out task for the before/after reward.
         trainable_layers: Train only the top N decoder layers and the final norm (None: all).
         workers: Rollouts run at once (threads); the local backend serialises generation on one model.
-        prefix_cache: Conversations whose attention cache the local backend keeps between turns.
+        prefix_cache: Conversations whose attention cache the local backend keeps between turns (at
+            least `workers`, or concurrent rollouts evict each other's).
+        batch_generation: Local backend: decode the concurrent rollouts' replies as one batch (one
+            forward pass per token for all of them) instead of one at a time.
         save_steps: Save a checkpoint every N optimizer steps (and at the end); `--resume` continues it.
         time_limit_s: Stop training (not the final evaluation) after this many seconds.
     """
@@ -85,6 +88,7 @@ class GRPOJobConfig:
     trainable_layers: int | None = 4
     workers: int = 4
     prefix_cache: int = 8
+    batch_generation: bool = True
     save_steps: int = 2
     time_limit_s: float | None = None
     num_threads: int | None = None

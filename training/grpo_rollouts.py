@@ -8,9 +8,10 @@ it was generated from, the generated ids as sampled, and their log-probabilities
 policy (the "old" log-probabilities of the clipped ratio). Nothing is re-tokenised.
 
 Concurrency: the G x tasks runs of a round go to a thread pool. Against a server the requests are
-concurrent (vLLM batches them); on the local backend they share one model whose `generate` holds a lock,
-so generation is serialised - what the local backend gains instead is the prefix cache of
-`LocalModel.enable_prefix_cache` (each turn only reads what is new since its conversation's last turn).
+concurrent (vLLM batches them); on the local backend they share one model, and with batching on
+(`LocalModel.enable_batching`) each rollout registers as a client of its `BatchScheduler`, so the
+replies the threads ask for at about the same time are decoded as one batch; the prefix cache of
+`LocalModel.enable_prefix_cache` lets each row read only what is new since its conversation's last turn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,11 +130,15 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
 
         bar = tqdm(total=len(jobs), desc=desc, unit="run")
 
+    slot = generation_slot(overrides)
+
     def job(item: tuple[Task, int, int]) -> Rollout:
         task, group, member = item
-        rollout = run_one(agent, task, group=group, member=member, seed=task.seed * 100 + member,
-                          run_dir=work_dir / f"g{group:03d}-m{member:02d}", overrides=overrides, max_steps=cfg.max_steps,
-                          max_image_gens=cfg.max_image_gens, weights=weights, recursion=recursion_limit(cfg))
+        with slot():
+            rollout = run_one(agent, task, group=group, member=member, seed=task.seed * 100 + member,
+                              run_dir=work_dir / f"g{group:03d}-m{member:02d}", overrides=overrides,
+                              max_steps=cfg.max_steps, max_image_gens=cfg.max_image_gens, weights=weights,
+                              recursion=recursion_limit(cfg))
         if bar is not None:
             bar.update(1)
         return rollout
@@ -141,6 +148,20 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
     if bar is not None:
         bar.close()
     return [done[i * group_size:(i + 1) * group_size] for i in range(len(tasks))]
+
+
+def generation_slot(overrides: dict[str, Any]) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of per-rollout contexts: a client of the local model's batch scheduler, else nothing.
+
+    Why: the scheduler waits for every active rollout's request before decoding a batch, so it must know
+    which threads are rollouts (and when one has ended and will ask no more).
+    """
+    if overrides.get("policy") != "local":
+        return nullcontext
+    from graph.policies.local_model import load_local_model
+
+    batcher = load_local_model(overrides.get("model")).batcher
+    return batcher.client if batcher is not None else nullcontext
 
 
 def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ policy than the one trained and run locally. Both call `LocalModel.generate`.
 
 Models are cached per resolved path (loading SmolLM2 takes seconds; a run asks the policy ~10 times).
 Generation holds a lock: one model, one generation at a time (the server's threads queue on it).
+GRPO's rollout threads instead share one `BatchScheduler` (`LocalModel.enable_batching`, in
+`batched_generation.py`): their requests are decoded together, one batched forward pass per token.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graph.policies.base import PolicyError
 from graph.policies.chat import flatten_content, hermes_system_block, render_tool_call
 from graph.policies.chat_template import template_supports_tools
+
+if TYPE_CHECKING:
+    from graph.policies.batched_generation import BatchScheduler, DecodeRequest
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class LocalModel:
         #: Conversations kept for prefix reuse (0: off); see `enable_prefix_cache`.
         self.prefix_cache_size = 0
         self._prefixes: list[tuple[list[int], Any]] = []
+        self.batcher: BatchScheduler | None = None
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -89,6 +95,18 @@ class LocalModel:
         with self._lock:
             self.prefix_cache_size = max(0, int(conversations))
             self._prefixes = []
+
+    def enable_batching(self, on: bool = True, wait_s: float = 1.0) -> None:
+        """Send `generate` calls (without `cancel`) through a `BatchScheduler` (False: back to one at a time).
+
+        Why: GRPO's G rollout threads each need a reply at about the same time; decoding them as one
+        batch runs one forward pass per token for all of them instead of one per thread under the lock.
+        """
+        from graph.policies.batched_generation import BatchScheduler
+
+        if self.batcher is not None:
+            self.batcher.close()
+        self.batcher = BatchScheduler(self, wait_s=wait_s) if on else None
 
     def load_weights(self, folder: str | Path) -> int:
         """Load the ``*.safetensors`` tensors in `folder` into the model (names as `save_pretrained` writes).
@@ -177,10 +195,16 @@ class LocalModel:
             PolicyError: the conversation does not fit the model's context.
             GenerationCancelled: `cancel` was set.
         """
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         prompt = self.render(messages, tools)
+        max_new_tokens = self._fit_context(prompt, max_new_tokens)
+        if self.batcher is not None and cancel is None:
+            from graph.policies.batched_generation import DecodeRequest
+
+            return self.batcher.submit(DecodeRequest(prompt, max_new_tokens, float(temperature), stop, seed, logprobs))
+        return self._generate_one(prompt, temperature, max_new_tokens, stop, seed, logprobs, cancel)
+
+    def _fit_context(self, prompt: list[int], max_new_tokens: int) -> int:
+        """`max_new_tokens` cut to what the context leaves; raises when the prompt itself does not fit."""
         if self.context_length and len(prompt) + 1 > self.context_length:
             raise PolicyError(
                 f"the conversation ({len(prompt)} tokens) does not fit the context of {self.name} "
@@ -188,10 +212,18 @@ class LocalModel:
             )
         if self.context_length:
             max_new_tokens = max(1, min(max_new_tokens, self.context_length - len(prompt)))
+        return max_new_tokens
+
+    def _generate_one(self, prompt: list[int], temperature: float, max_new_tokens: int, stop: list[str] | None,
+                      seed: int | None, logprobs: bool, cancel: threading.Event | None) -> Generation:
+        """One prompt through transformers' `generate` under the lock (the server's and the `local` policy's path)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         options: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "eos_token_id": self.eos_ids,
-            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0],
+            "pad_token_id": self.pad_id,
             "return_dict_in_generate": True,
             "output_logits": logprobs,
         }
@@ -228,9 +260,23 @@ class LocalModel:
         if logprobs:
             steps = torch.stack([step[0] for step in output.logits[: len(new_ids)]]).float()
             chosen = torch.log_softmax(steps, dim=-1).gather(1, torch.tensor(new_ids).unsqueeze(1)).squeeze(1)
-            result.logprobs = [float(v) for v in chosen.tolist()]
-            result.tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in new_ids]
+            self._add_logprobs(result, [float(v) for v in chosen.tolist()])
         return result
+
+    def _add_logprobs(self, result: Generation, values: list[float]) -> None:
+        result.logprobs = values
+        result.tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in result.token_ids]
+
+    def generate_batch(self, requests: list[DecodeRequest]) -> list[Generation]:
+        """Decode every request's reply together (see `graph.policies.batched_generation.decode_batch`)."""
+        from graph.policies.batched_generation import decode_batch
+
+        with self._lock:
+            return decode_batch(self, requests)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def _decode(self, ids: list[int], prompt: list[int], stop: list[str] | None, limit: int) -> Generation:
         # Keep special tokens: a tokenizer with <tool_call> as a special token would lose it otherwise.

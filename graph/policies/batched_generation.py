@@ -1,0 +1,260 @@
+"""Batched decoding for the local model: many conversations' next replies in one forward pass per token.
+
+Why its own module: GRPO's G rollout threads each ask the one CPU model for a reply at about the same
+time; decoding them together costs about what one row costs (decoding is memory-bound), where one at a
+time under the model's lock costs G times as much. The single-row path (`LocalModel._generate_one`,
+used by serve-policy and the `local` policy) stays as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from graph.policies.local_model import Generation, LocalModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeRequest:
+    """One row of a batched generation: a rendered prompt and how to sample its reply.
+
+    `seed` seeds this row's own sampler, so a row's tokens do not depend on which rows share its batch.
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    stop: list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    result: Generation | None = None
+    error: BaseException | None = None
+
+
+def decode_batch(model: LocalModel, requests: list[DecodeRequest]) -> list[Generation]:
+    """Decode every request's reply together: one left-padded forward pass per token for all rows.
+
+    Each row stops on its own (end of turn, a stop string, its token limit) and samples with its own
+    temperature and seeded generator; logprobs are the raw (temperature 1) log-probabilities of the
+    sampled tokens, as `LocalModel.generate` records them. With the prefix cache on, each row continues
+    the cached conversation it extends, so only its new tokens are read. The caller holds the model's lock.
+    """
+    import torch
+
+    with torch.inference_mode():
+        caches = [model._take_prefix(r.prompt) if model.prefix_cache_size else None for r in requests]
+        batch = _Batch.prefill(model, [r.prompt for r in requests], caches)
+        rows = [_Row(r, model) for r in requests]
+        while True:
+            for index, row in enumerate(rows):
+                if not row.finished:
+                    row.take(batch.logits[index])
+            if all(row.finished for row in rows):
+                break
+            batch.step([row.next_input(model.pad_id) for row in rows])
+        if model.prefix_cache_size:
+            for index, row in enumerate(rows):
+                model._keep_prefix(row.request.prompt + row.ids, batch.row_cache(index, len(row.request.prompt) + len(row.ids) - 1))
+    return [row.generation() for row in rows]
+
+
+class _Row:
+    """One request's state during batched decoding: its sampler, sampled ids and logprobs, whether it stopped."""
+
+    def __init__(self, request: DecodeRequest, model: LocalModel) -> None:
+        import torch
+
+        self.request, self.model = request, model
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finished = False
+        self.sampler = torch.Generator()
+        self.sampler.manual_seed(int(request.seed) if request.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    def take(self, logits: Any) -> None:
+        """Pick the next token from this row's raw logits (greedy at temperature 0) and record it."""
+        import torch
+
+        logits = logits.float()
+        if self.request.temperature > 0:
+            probs = torch.softmax(logits / self.request.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.sampler).item())
+        else:
+            token = int(torch.argmax(logits).item())
+        self.ids.append(token)
+        if self.request.logprobs:
+            self.logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+        self.finished = token in self.model.eos_ids or len(self.ids) >= self.request.max_new_tokens or self._hit_stop()
+
+    def _hit_stop(self) -> bool:
+        if not self.request.stop:
+            return False
+        text = self.model.tokenizer.decode(self.ids, skip_special_tokens=False)
+        return any(word in text for word in self.request.stop)
+
+    def next_input(self, pad_id: int) -> int:
+        """The token to feed next: the last sampled one, or padding once the row has stopped."""
+        return pad_id if self.finished else self.ids[-1]
+
+    def generation(self) -> Generation:
+        result = self.model._decode(self.ids, self.request.prompt, self.request.stop, self.request.max_new_tokens)
+        if self.request.logprobs:
+            self.model._add_logprobs(result, self.logprobs)
+        return result
+
+
+class _Batch:
+    """The left-padded batch being decoded: its attention cache, mask, positions and last logits.
+
+    Layout: row i's tokens end at the right edge, preceded by padding the mask hides; positions count
+    only real tokens, so each row sees exactly the positions it would see alone.
+    """
+
+    def __init__(self, model: LocalModel, past: Any, mask: Any, positions: Any, logits: Any, starts: list[int]) -> None:
+        self.model, self.past, self.mask, self.positions, self.logits = model, past, mask, positions, logits
+        self.starts = starts  # where each row's first real token sits in the cache
+
+    @classmethod
+    def prefill(cls, model: LocalModel, prompts: list[list[int]], caches: list[Any]) -> _Batch:
+        """Read every prompt, continuing each row's cached prefix (None: from scratch), in one forward pass.
+
+        Every row feeds the same number of trailing tokens (the longest unread part); a row whose cache
+        covers more than that keeps only what fits, and a short prompt without a cache is left-padded.
+        """
+        import torch
+
+        lengths = [len(p) for p in prompts]
+        cached = [int(c.get_seq_length()) if c is not None else 0 for c in caches]
+        width = max(n - c for n, c in zip(lengths, cached))
+        keep = [max(0, min(c, n - width)) for n, c in zip(lengths, cached)]
+        held = max(keep)
+        pad = model.pad_id
+        input_ids = torch.tensor([[pad] * (width - (n - k)) + p[k:] for p, n, k in zip(prompts, lengths, keep)])
+        starts = [held + width - n for n in lengths]
+        mask = torch.zeros((len(prompts), held + width), dtype=torch.long)
+        for row, start in enumerate(starts):
+            mask[row, start:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        past = _stack_caches(model.model, caches, keep, held) if held else None
+        out = model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions[:, held:],
+                          past_key_values=past, use_cache=True, logits_to_keep=1)
+        return cls(model, out.past_key_values, mask, positions[:, -1:], out.logits[:, -1], starts)
+
+    def step(self, tokens: list[int]) -> None:
+        """Feed one token per row and keep the next logits."""
+        import torch
+
+        self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=self.mask.dtype)], dim=1)
+        self.positions = self.positions + 1
+        out = self.model.model(input_ids=torch.tensor(tokens).unsqueeze(1), attention_mask=self.mask,
+                               position_ids=self.positions, past_key_values=self.past, use_cache=True, logits_to_keep=1)
+        self.past, self.logits = out.past_key_values, out.logits[:, -1]
+
+    def row_cache(self, row: int, length: int) -> Any:
+        """Row `row`'s first `length` real tokens as a cache of their own (for the prefix cache)."""
+        from transformers import DynamicCache
+
+        start = self.starts[row]
+        return DynamicCache(ddp_cache_data=[
+            (layer.keys[row:row + 1, :, start:start + length].clone(), layer.values[row:row + 1, :, start:start + length].clone())
+            for layer in self.past.layers])
+
+
+def _stack_caches(model: Any, caches: list[Any], keep: list[int], held: int) -> Any:
+    """One batch cache of `held` positions: row i's first keep[i] cached tokens right-aligned, zeros before."""
+    import torch
+    from transformers import DynamicCache
+
+    template = next(c for c in caches if c is not None)
+    layers = []
+    for index, layer in enumerate(template.layers):
+        shape = (len(caches), layer.keys.shape[1], held, layer.keys.shape[3])
+        keys, values = torch.zeros(shape, dtype=layer.keys.dtype), torch.zeros(shape, dtype=layer.values.dtype)
+        for row, (cache, k) in enumerate(zip(caches, keep)):
+            if cache is not None and k:
+                keys[row, :, held - k:] = cache.layers[index].keys[0, :, :k]
+                values[row, :, held - k:] = cache.layers[index].values[0, :, :k]
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+class BatchScheduler:
+    """Collects concurrent `generate` calls and decodes them as one batch (`LocalModel.generate_batch`).
+
+    Why a scheduler: the rollout threads do not know of each other. Each registered client (`client()`,
+    one per rollout) that is not waiting for a reply is busy in a tool and will soon ask again, so the
+    worker waits until every active client has asked (at most `wait_s` after the first request) before
+    it starts a batch; a batch runs until its longest row stops.
+    """
+
+    def __init__(self, model: LocalModel, wait_s: float = 1.0) -> None:
+        self.model, self.wait_s = model, wait_s
+        self._cond = threading.Condition()
+        self._pending: list[DecodeRequest] = []
+        self._active = 0
+        self.batch_sizes: list[int] = []  # one entry per batch run, for logs and tests
+        self._closed = False
+        threading.Thread(target=self._serve, name="batch-generation", daemon=True).start()
+
+    @contextmanager
+    def client(self) -> Iterator[None]:
+        """Count the calling rollout as active while it runs (the worker waits for active clients' requests)."""
+        with self._cond:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def submit(self, request: DecodeRequest) -> Generation:
+        """Queue `request` and block until its batch is decoded; re-raises the batch's error."""
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def close(self) -> None:
+        """Stop the worker once the requests already queued are served."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _next_batch(self) -> list[DecodeRequest]:
+        """The requests to decode next (empty: closed); waits for every active client's request, or `wait_s`."""
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            deadline = time.monotonic() + self.wait_s
+            while len(self._pending) < self._active and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _serve(self) -> None:
+        while batch := self._next_batch():
+            self.batch_sizes.append(len(batch))
+            try:
+                for request, result in zip(batch, self.model.generate_batch(batch)):
+                    request.result = result
+            except BaseException as error:  # every waiting caller must wake up and see it
+                logger.exception("batched generation of %d requests failed", len(batch))
+                for request in batch:
+                    request.error = error
+            finally:
+                for request in batch:
+                    request.done.set()
