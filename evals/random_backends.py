@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,16 +21,18 @@ import torch
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'()-_/"
 
 
-def tiny_clip_tokenizer(folder: Path) -> None:
-    """Write a CLIP tokenizer over a character vocabulary (transformers 5 builds it from vocab and merges)."""
+def tiny_clip_tokenizer() -> Any:
+    """A CLIP tokenizer over a character vocabulary (transformers 5 builds it from vocab and merges).
+
+    The pipeline's `save_pretrained` writes it beside the models, so the folder loads offline.
+    """
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in _CHARS:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    tokenizer.save_pretrained(str(folder))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def sd_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
@@ -75,18 +78,11 @@ def sd_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0) -
         raise ValueError(f"size must be tiny or full; got {size}")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    tok_dir = folder / "_tokenizer"
-    tiny_clip_tokenizer(tok_dir)
-    from transformers import CLIPTokenizer
-
     pipe = StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text), tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir)), unet=unet,
+        vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tiny_clip_tokenizer(), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder))
-    for child in tok_dir.iterdir():
-        child.unlink()
-    tok_dir.rmdir()
     json.loads((folder / "model_index.json").read_text())  # written, readable
     return folder
 
@@ -106,7 +102,7 @@ def sdxl_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0)
         The folder.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -144,9 +140,7 @@ def sdxl_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0)
                   bos_token_id=0, eos_token_id=1, pad_token_id=1)
     encoder_1 = CLIPTextModel(CLIPTextConfig(**text_1, **common, projection_dim=text_1["hidden_size"]))
     encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2, **common, projection_dim=text_2["hidden_size"]))
-    tok_dir = folder / "_tokenizer"
-    tiny_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = tiny_clip_tokenizer()
     pipe = StableDiffusionXLInpaintPipeline(
         vae=vae, text_encoder=encoder_1, text_encoder_2=encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet, scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -154,9 +148,6 @@ def sdxl_inpaint_pipeline(folder: str | Path, size: str = "tiny", seed: int = 0)
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     pipe.save_pretrained(str(folder))
-    for child in tok_dir.iterdir():
-        child.unlink()
-    tok_dir.rmdir()
     return folder
 
 
@@ -185,7 +176,7 @@ def flux_fill_pipeline(folder: str | Path, seed: int = 0) -> Path:
     tokenizer (any tokenizer that pads to a length serves the T5 encoder), so nothing is downloaded.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -202,13 +193,8 @@ def flux_fill_pipeline(folder: str | Path, seed: int = 0) -> Path:
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=2, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
-    tok_dir = folder / "_tokenizer"
-    tiny_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = tiny_clip_tokenizer()
     pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer,
                             text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
     pipe.save_pretrained(str(folder))
-    for child in tok_dir.iterdir():
-        child.unlink()
-    tok_dir.rmdir()
     return folder
