@@ -104,15 +104,18 @@ def generate(
 def _generate_agent(
     normals: list[Item], category: str, types: list[str], root: Path, seed: int, progress: bool
 ) -> list[tuple[str, str, str, str]]:
-    from graph.batch import plan, run_batch
+    from graph.batch import all_done_rows, plan, run_batch
 
     samples = plan([n.image for n in normals], category, types, 1, root, seed)
     run_batch(samples, root, overrides={"seed": seed}, workers=1, resume=True, progress=progress)
-    return [
-        (s.image, s.anomaly_out, s.mask_out, f"agent {s.anomaly_type} #{s.number:03d}")
-        for s in samples
-        if Path(s.anomaly_out).is_file()
-    ]
+    scores = {(r["category"], r["anomaly_type"], r["number"]): r.get("score") for r in all_done_rows(root)}
+    rows = []
+    for s in samples:
+        if Path(s.anomaly_out).is_file():
+            score = scores.get((s.category, s.anomaly_type, s.number))
+            label = f"agent {s.anomaly_type} #{s.number:03d}  QE {score if score is not None else '-'}"
+            rows.append((s.image, s.anomaly_out, s.mask_out, label))
+    return rows
 
 
 def _generate_baseline(
