@@ -195,7 +195,7 @@ def test_scheduler_decodes_the_active_clients_requests_as_one_batch(tiny_model):
             with batcher.client():
                 return model.generate(conversation, tools=tool_schemas(), max_new_tokens=6)
 
-        with ThreadPoolExecutor(3) as pool:
+        with batcher.reserve(len(PROMPTS)), ThreadPoolExecutor(3) as pool:
             together = list(pool.map(client, PROMPTS))
     finally:
         model.enable_batching(False)

@@ -20,17 +20,19 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage
 
 from evals.policy_eval import Task
 from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
+
+if TYPE_CHECKING:
+    from graph.policies.batched_generation import BatchScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +132,10 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
 
         bar = tqdm(total=len(jobs), desc=desc, unit="run")
 
-    slot = generation_slot(overrides)
+    batcher = local_batcher(overrides)
+    slot = batcher.client if batcher is not None else nullcontext
+    # Every thread of the first wave counts as a client from the start, so the first turns batch too.
+    reservation = batcher.reserve(min(max(1, workers), len(jobs))) if batcher is not None else nullcontext()
 
     def job(item: tuple[Task, int, int]) -> Rollout:
         task, group, member = item
@@ -143,25 +148,24 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
             bar.update(1)
         return rollout
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with reservation, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         done = list(pool.map(job, jobs))
     if bar is not None:
         bar.close()
     return [done[i * group_size:(i + 1) * group_size] for i in range(len(tasks))]
 
 
-def generation_slot(overrides: dict[str, Any]) -> Callable[[], AbstractContextManager[Any]]:
-    """A factory of per-rollout contexts: a client of the local model's batch scheduler, else nothing.
+def local_batcher(overrides: dict[str, Any]) -> BatchScheduler | None:
+    """The local model's batch scheduler when rollouts use the local policy with batching on, else None.
 
     Why: the scheduler waits for every active rollout's request before decoding a batch, so it must know
     which threads are rollouts (and when one has ended and will ask no more).
     """
     if overrides.get("policy") != "local":
-        return nullcontext
+        return None
     from graph.policies.local_model import load_local_model
 
-    batcher = load_local_model(overrides.get("model")).batcher
-    return batcher.client if batcher is not None else nullcontext
+    return load_local_model(overrides.get("model")).batcher
 
 
 def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:

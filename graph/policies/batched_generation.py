@@ -201,6 +201,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._pending: list[DecodeRequest] = []
         self._active = 0
+        self._reserved = 0  # counted in _active, not yet claimed by a client (see `reserve`)
         self.batch_sizes: list[int] = []  # one entry per batch run, for logs and tests
         self._closed = False
         threading.Thread(target=self._serve, name="batch-generation", daemon=True).start()
@@ -209,12 +210,33 @@ class BatchScheduler:
     def client(self) -> Iterator[None]:
         """Count the calling rollout as active while it runs (the worker waits for active clients' requests)."""
         with self._cond:
-            self._active += 1
+            if self._reserved:
+                self._reserved -= 1  # already counted by `reserve`
+            else:
+                self._active += 1
         try:
             yield
         finally:
             with self._cond:
                 self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Count `count` clients as active before their threads start; each `client()` claims one.
+
+        Why: without it the first thread to ask finds itself the only active client and is decoded
+        alone while the others are still starting. Reservations no thread claimed are dropped on exit.
+        """
+        with self._cond:
+            self._active += count
+            self._reserved += count
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= self._reserved
+                self._reserved = 0
                 self._cond.notify_all()
 
     def submit(self, request: DecodeRequest) -> Generation:
