@@ -27,6 +27,7 @@ from graph.toolbox import get_toolbox
 from graph.trajectory import write_outputs
 from tools.image_store import ImageStore
 from tools.imaging import load_image
+from tools.mask_gen import change_mask
 from tools.knowledge.catalog import load_catalog
 from tools.types import BackendUnavailableError, EvaluationRequest, GenerationRequest, KnowledgeEntry, PromptRequest
 
@@ -332,13 +333,20 @@ def finalize_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     if str(chosen) not in masks:
         # The policy stopped (or ran out of steps) before masking its best image: mask it here so
         # every finished run has a mask, and say so in the result.
-        result = get_toolbox(cfg).mask.generate(_image(state, 1), _image(state, chosen))
+        try:
+            result = get_toolbox(cfg).mask.generate(_image(state, 1), _image(state, chosen))
+            mask_by = "finalize"
+        except BackendUnavailableError as error:
+            # The mask model is down (the run usually ended backend_error for it already): keep the
+            # image with the model-free change mask rather than lose the run.
+            logger.error("mask backend failed in finalize; using the change mask: %s", error)
+            result = change_mask(_image(state, 1), _image(state, chosen))
+            mask_by = "finalize (change mask: the mask backend failed)"
         masks[str(chosen)] = {
             "mask_id": _store(state).put_mask(result.mask),
             "box": list(result.box) if result.box else None,
             "area_fraction": result.area_fraction,
         }
-        mask_by = "finalize"
         update["masks"] = masks
     final_state: AgentState = {**state, "masks": masks}  # type: ignore[typeddict-item]
     update["result"] = write_outputs(final_state, cfg, chosen=chosen, status=status, mask_by=mask_by)

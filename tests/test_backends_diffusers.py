@@ -199,3 +199,36 @@ def test_sdxl_inpainting_folder_runs_through_the_auto_pipeline(tmp_path, nut):
     result = inpainter.generate(nut, GenerationRequest(prompt="a large dark stain", category="metal_nut",
                                                        anomaly_type="color", default_shape="stain", seed=3))
     assert result.image.shape == nut.shape and result.region is not None and result.region.any()
+
+
+def _out_of_memory(*args, **kwargs):
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+
+@pytest.mark.parametrize("tool", ["image_gen", "mask_gen"])
+def test_device_out_of_memory_ends_the_run_as_backend_error(tool, tiny_sd, tiny_sam, sample_dir, tmp_path, monkeypatch):
+    """A GPU running out of memory mid-run is the machine failing: the run ends `backend_error` with the
+    reason (batch --resume retries it), never a crash. The OOM itself cannot happen on this CPU machine, so
+    the model call raises torch's own OutOfMemoryError in its place."""
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    configurable = {"image_backend": "diffusers", "diffusion_model_path": str(tiny_sd), "diffusion_steps": 3,
+                    "mask_backend": "sam", "sam_checkpoint": str(tiny_sam), "max_image_gens": 2}
+    cfg = Configuration.load(overrides=configurable)
+    toolbox = get_toolbox(cfg)
+    if tool == "image_gen":
+        monkeypatch.setattr(toolbox.image, "pipe", _out_of_memory)
+    else:
+        monkeypatch.setattr(toolbox.mask._predictor, "predict", _out_of_memory)
+    state = build_graph().invoke(
+        {"image": str(image), "category": "metal_nut", "anomaly_type": "scratch", "seed": 1, "run_dir": str(tmp_path / "run")},
+        {"configurable": configurable, "recursion_limit": recursion_limit(cfg)},
+    )
+    assert state["status"] == "backend_error"
+    error = state["result"]["error"]
+    assert "ran out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB" in error
+    assert ("diffusers at" if tool == "image_gen" else "SAM ran out") in error
+    assert ("diffusion_resolution" if tool == "image_gen" else "sam_model_type") in error
+    if tool == "mask_gen":  # the image is kept, masked without the model that failed
+        assert state["result"]["mask_by"].startswith("finalize (change mask") and load_mask(state["result"]["mask_path"]).any()

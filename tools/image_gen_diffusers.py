@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tools.device_memory import out_of_memory_ends_the_run
 from tools.edit_region import edit_result, model_size, paste_back, plan_edit, to_model
 from tools.image_gen import ProceduralEngine
 from tools.types import GenerationRequest, GenerationResult
@@ -203,7 +204,8 @@ class DiffusersInpainter:
         else:
             kwargs["guidance_scale"] = guidance
         started = time.perf_counter()
-        with self._lock, torch.inference_mode():
+        hint = "lower diffusion_resolution or diffusion_steps, or free the GPU, then batch --resume"
+        with self._lock, torch.inference_mode(), out_of_memory_ends_the_run(f"diffusers at {width}x{height}", hint):
             output = self.pipe(**kwargs).images[0]
         seconds = time.perf_counter() - started
         edited = paste_back(image, output, plan)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from tools.device_memory import out_of_memory_ends_the_run
 from tools.mask_gen import change_mask
 from tools.torchvision_compat import import_segment_anything
 from tools.types import MaskResult
@@ -268,7 +269,8 @@ class SamMaskGenerator:
         x0, y0, x1, y1 = base.box
         p = self.box_pad
         box = np.array([max(0, x0 - p), max(0, y0 - p), min(w, x1 + p), min(h, y1 + p)], np.float32)
-        with self._lock, torch.inference_mode():
+        hint = "use a smaller sam_model_type or mask_backend: change, or free the GPU, then batch --resume"
+        with self._lock, torch.inference_mode(), out_of_memory_ends_the_run("SAM", hint):
             self._predictor.set_image(np.ascontiguousarray(edited))
             masks, scores, _ = self._predictor.predict(box=box, multimask_output=True)
             self._predictor.reset_image()
