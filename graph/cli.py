@@ -263,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_generator_arguments(q)
     q.set_defaults(func=cmd_eval_generators)
 
+    q = ev.add_parser("grpo", help="two policies' held-out GRPO reward on the same tasks and seeds, paired")
+    q.add_argument("--config", required=True, help="the GRPO YAML (graph settings, rewards, held-out size)")
+    q.add_argument("--before", required=True, help="model folder before training (e.g. the SFT checkpoint)")
+    q.add_argument("--after", required=True, help="model folder after training (e.g. OUTPUT_DIR/final)")
+    q.add_argument("--heldout-seed", dest="heldout_seed", type=int, help="another held-out set than the config's")
+    q.add_argument("--heldout-tasks", dest="heldout_tasks", type=int, help="override the config's heldout_tasks")
+    q.add_argument("--output-dir", dest="output_dir", help="where rollouts and grpo_compare.json go")
+    q.set_defaults(func=_training("cmd_eval_grpo"))
+
     p = sub.add_parser("trajectories", help="training data: export graph traces, reverse-synthesize real anomalies")
     tr = p.add_subparsers(dest="trajectories_command", required=True)
     q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")

@@ -16,7 +16,8 @@ from tiny_llm import build_tiny_llm
 from graph.cli import main
 from training import grpo_rollouts
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
-from training.grpo_loss import build_sequences, group_advantages, per_token_loss
+from training.grpo_loss import (build_sequences, frozen_trunk_layers, group_advantages, per_token_loss,
+                                policy_and_reference_logprobs, rollout_sequences)
 from training.grpo_rewards import score_rollout
 from training.grpo_rollouts import Turn, run_groups
 
@@ -55,6 +56,15 @@ def trained_tensors(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def tiny_llama(layers: int = 4):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
 
 
 def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, sample_dir):
@@ -114,6 +124,97 @@ def test_advantages_are_group_relative_and_flat_groups_are_dropped():
     assert group_advantages([1.0, 1.0, 1.0]) is None
     advantages = group_advantages([0.0, 1.0])
     assert advantages[0] < 0 < advantages[1] and abs(sum(advantages)) < 1e-9
+
+
+def test_batch_and_unscaled_advantages_do_not_blow_up_a_group_with_a_tiny_spread():
+    from training.grpo_rewards import RewardBreakdown
+    from training.grpo_rollouts import Rollout
+
+    def group(*totals):
+        return [Rollout(task=None, group=0, member=i, seed=i, reward=RewardBreakdown(t, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'), turns=[Turn([1, 2], [3], [-0.5])])
+                for i, t in enumerate(totals)]
+
+    groups = [group(1.5, 1.5, 1.5, 1.48), group(1.5, 0.2, 1.5, 1.5)]  # QE rounding vs a real failure
+    by_group = [s.advantage for s in rollout_sequences(groups, "group")[0]]
+    by_batch = [s.advantage for s in rollout_sequences(groups, "batch")[0]]
+    unscaled = [s.advantage for s in rollout_sequences(groups, "none")[0]]
+    assert by_group[3] == pytest.approx(-1.5, abs=0.02)  # 0.02 below the others weighs like the failure
+    assert abs(by_batch[3]) < 0.05 and by_batch[5] < -1.0 and unscaled[3] == pytest.approx(-0.015, abs=1e-3)
+    assert rollout_sequences([group(1.0, 1.0)] + groups, "batch")[1] == 1  # flat groups are still dropped
+    with pytest.raises(ValueError, match="scale_rewards"):
+        rollout_sequences(groups, "mean")
+
+
+def test_shared_frozen_trunk_gives_the_same_logprobs_and_gradients_as_two_full_forwards():
+    import copy
+
+    import torch
+
+    from training.sft import freeze_for_training
+
+    model = tiny_llama()
+    ref = copy.deepcopy(model).eval()
+    freeze_for_training(model, 2, False)
+    with torch.no_grad():  # the policy has moved away from its reference in the trained layers only
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    assert frozen_trunk_layers(model) == 2
+    ids, positions = torch.randint(0, 97, (40,)).tolist(), [20, 21, 22, 35, 39]
+
+    def run(trunk):
+        model.zero_grad(set_to_none=True)
+        logp, ref_logp = policy_and_reference_logprobs(model, ref, ids, positions, trunk)
+        (logp * torch.arange(1.0, 6.0)).sum().backward()
+        return logp.detach(), ref_logp, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, shared = run(0), run(2)
+    assert torch.allclose(full[0], shared[0], atol=1e-5) and torch.allclose(full[1], shared[1], atol=1e-5)
+    assert not torch.allclose(full[0], full[1], atol=1e-3)  # the reference really differs from the policy
+    assert full[2].keys() == shared[2].keys() and len(full[2]) > 0
+    for name, grad in full[2].items():
+        assert torch.allclose(grad, shared[2][name], atol=1e-5), name
+    assert len(list(getattr(model, model.base_model_prefix).layers)) == 4  # the layers are back
+
+
+def test_a_second_iteration_reuses_the_round_with_the_sampling_logprobs_and_clips():
+    import copy
+
+    import torch
+
+    from training.grpo import policy_update
+    from training.grpo_loss import Sequence, token_logprobs
+    from training.sft import freeze_for_training
+
+    model = tiny_llama()
+    ref = copy.deepcopy(model).eval()
+    freeze_for_training(model, 2, False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    sequences = []
+    for advantage in (1.0, -1.0):
+        ids = torch.randint(0, 97, (30,)).tolist()
+        positions = list(range(20, 30))
+        with torch.no_grad():
+            old = token_logprobs(model, ids, positions).tolist()  # as the sampler recorded them
+        sequences.append(Sequence(ids, positions, old, advantage))
+    args = GRPOJobConfig(output_dir="unused", num_iterations=2, beta=0.04).to_trl()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    update = policy_update(model, ref, optimizer, sequences, args, apply=False)
+    first, second = update["clip_fractions"]
+    assert first == 0.0 and second > 0.0  # ratio 1 on the first pass, moved (and clipped) on the second
+    assert optimizer.state_dict()["state"][0]["step"] == 2  # a step per pass, even inside an accumulation
+    assert all(not torch.equal(start[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert update["grad_norm"] > 0 and math.isfinite(update["loss"])
+
+
+def test_paired_difference_pairs_rollouts_by_task_and_seed():
+    from training.grpo_rollouts import paired_difference
+
+    paired = paired_difference({"totals": [1.5, 0.2, 1.0, 1.5]}, {"totals": [1.5, 1.5, 1.1, 1.5]})
+    assert paired["mean"] == pytest.approx(0.35) and paired["pairs"] == 4
+    assert paired["se"] == pytest.approx(paired["std"] / 2) and paired["std"] == pytest.approx(0.6351, abs=1e-4)
+    assert paired_difference({"totals": [1.0]}, {"totals": [1.0]}) is None
+    assert paired_difference({"totals": [1.0, 2.0]}, {"totals": [1.0]}) is None
 
 
 def test_clipped_loss_and_kl_follow_trl():
@@ -207,3 +308,22 @@ def test_config_errors_name_the_problem(tmp_path):
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_eval_grpo_pairs_two_policies_on_another_heldout_set(tiny, tmp_path, sample_dir, capsys):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny, twin)  # the same weights in another folder: its own model object and caches
+    config_file = tmp_path / "grpo.yaml"
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).__dict__))
+    out = tmp_path / "compare"
+    assert main(["eval", "grpo", "--config", str(config_file), "--before", str(tiny), "--after", str(twin),
+                 "--heldout-seed", "1", "--output-dir", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((out / "grpo_compare.json").read_text())
+    assert summary["heldout_seed"] == 1 and summary["before"]["rollouts"] == 2 == summary["after"]["rollouts"]
+    assert summary["paired"]["mean"] == 0.0  # same weights, same tasks and seeds: the same rollouts
+    assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
+                         f"reward_after {summary['after']['reward_mean']:.4f}")
+    assert len((out / "heldout_after.jsonl").read_text().splitlines()) == 2

@@ -77,13 +77,34 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
               f"loss {row['loss']:.4f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
               f"dropped {row['groups_dropped']} {row['seconds']:.0f}s")
     print(f"curve {summary['curve']}; final model {summary['final_model']}; {summary['wall_seconds']:.0f} s")
-    before, after = summary["before"], summary["after"]
-    if before is None or after is None:
+    if summary["before"] is None or summary["after"] is None:
         print(f"grpo steps {summary['steps']} (no held-out evaluation)")
         return 0
+    print_heldout(summary)
+    return 0
+
+
+def cmd_eval_grpo(args: argparse.Namespace) -> int:
+    from training.grpo import compare_policies
+    from training.grpo_config import GRPOJobConfig
+
+    config = GRPOJobConfig.from_yaml(args.config, output_dir=args.output_dir, heldout_seed=args.heldout_seed,
+                                     heldout_tasks=args.heldout_tasks)
+    summary = compare_policies(config, args.before, args.after, progress=sys.stderr.isatty())
+    print(f"held-out seed {summary['heldout_seed']}: {', '.join(summary['heldout_tasks'])}")
+    print_heldout(summary)
+    return 0
+
+
+def print_heldout(summary: dict) -> None:
+    """The held-out before/after lines; the last reads ``grpo reward_before <a> reward_after <b>``."""
+    before, after = summary["before"], summary["after"]
     for label, part in (("before", before), ("after", after)):
         print(f"held-out {label}: reward {part['reward_mean']:.3f} std {part['reward_std']:.3f} "
               f"within-group std {part['group_std_mean']:.3f} over {part['rollouts']} rollouts; "
               f"score {part['score']:.2f} protocol {part['protocol']:.3f} masked_runs {part['masked_runs']:.3f}")
+    if summary.get("paired"):
+        paired = summary["paired"]
+        print(f"held-out paired difference (after - before, same tasks and seeds): {paired['mean']:+.3f} "
+              f"(standard error {paired['se']:.3f} over {paired['pairs']} pairs)")
     print(f"grpo reward_before {before['reward_mean']:.4f} reward_after {after['reward_mean']:.4f}")
-    return 0

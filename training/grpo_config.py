@@ -4,7 +4,7 @@ Why our own dataclass around TRL's `GRPOConfig`: the rollouts are ours (G runs p
 graph), so a run also names the graph's settings, the task sets, the rollout backend and the reward
 weights. The optimisation fields keep TRL's names and meaning (`beta`, `epsilon`, `num_generations`,
 `learning_rate`, `gradient_accumulation_steps`, `temperature`, `max_completion_length`, `max_grad_norm`,
-`num_iterations`), and `to_trl` builds the `trl.GRPOConfig` the trainer reads them from.
+`num_iterations`, `scale_rewards`), and `to_trl` builds the `trl.GRPOConfig` the trainer reads them from.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class GRPOJobConfig:
     beta: float = 0.04
     epsilon: float = 0.2
     num_iterations: int = 1
+    scale_rewards: str = "group"
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -101,6 +102,8 @@ class GRPOJobConfig:
             raise GRPOConfigError("rollout_backend openai needs base_url (http://HOST:PORT/v1 of vLLM or serve-policy)")
         if self.weight_sync not in ("serve-policy", "vllm", "none"):
             raise GRPOConfigError(f"weight_sync must be serve-policy, vllm or none, not {self.weight_sync!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise GRPOConfigError(f"scale_rewards must be group, batch or none, not {self.scale_rewards!r}")
         if self.num_generations < 2:
             raise GRPOConfigError("num_generations must be at least 2: advantages are relative to the group")
         from graph.configuration import Configuration
@@ -144,6 +147,6 @@ class GRPOJobConfig:
             per_device_train_batch_size=self.num_generations, learning_rate=self.learning_rate,
             gradient_accumulation_steps=self.gradient_accumulation_steps, temperature=self.temperature,
             max_completion_length=self.max_completion_length, max_steps=self.max_steps, max_grad_norm=self.max_grad_norm,
-            num_iterations=self.num_iterations, seed=self.seed, loss_type="dapo", scale_rewards="group",
+            num_iterations=self.num_iterations, seed=self.seed, loss_type="dapo", scale_rewards=self.scale_rewards,
             use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True,
         )

@@ -2,9 +2,11 @@
 
 The formulas are TRL 1.16's (`trl.trainer.grpo_trainer.GRPOTrainer`):
 
-* advantages (``_generate_and_score_completions``, ``scale_rewards="group"``):
-  ``A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)``; a group whose rewards are all equal has no
-  signal and is dropped (DESIGN §6) instead of being trained on with A = 0.
+* advantages (``_generate_and_score_completions``): ``A_i = (r_i - mean(r_group)) / (std + 1e-4)`` where
+  std is the group's (``scale_rewards="group"``), the whole step's (``"batch"``) or 1 (``"none"``, Dr. GRPO);
+  a group whose rewards are all equal has no signal and is dropped (DESIGN §6) instead of being trained
+  on with A = 0. Why not always "group": a group of four clean runs scored 10, 10, 10 and 9.8 by QE has
+  a std of 0.01, and dividing by it turns QE's rounding into a full-size push against a good run.
 * per-token loss (``_compute_loss``, token-level importance sampling, two-sided clip):
   ``ratio = exp(logp - old_logp)``, ``loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``
   ``+ beta * KL_t`` with the k3 estimator ``KL_t = exp(ref_logp - logp) - (ref_logp - logp) - 1``.
@@ -18,6 +20,8 @@ Log-probabilities are taken at temperature 1 from the raw logits, as the sampler
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +40,21 @@ class Sequence:
     advantage: float
 
 
-def group_advantages(rewards: list[float]) -> list[float] | None:
-    """(r - mean) / (std + 1e-4) within a group; None when the group has no spread (dropped)."""
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+
+
+def group_advantages(rewards: list[float], scale: float | None = None) -> list[float] | None:
+    """(r - group mean) / (scale + 1e-4), `scale` defaulting to the group's std; None for a flat group (dropped)."""
     mean = sum(rewards) / len(rewards)
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1))
+    std = _std(rewards)
     if std < 1e-6:
         return None
-    return [(r - mean) / (std + ADV_EPS) for r in rewards]
+    return [(r - mean) / ((std if scale is None else scale) + ADV_EPS) for r in rewards]
 
 
 def build_sequences(turns: list[Turn], advantage: float) -> list[Sequence]:
@@ -72,12 +84,16 @@ def build_sequences(turns: list[Turn], advantage: float) -> list[Sequence]:
     return out
 
 
-def rollout_sequences(groups: list[list[Rollout]]) -> tuple[list[Sequence], int]:
+def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group") -> tuple[list[Sequence], int]:
     """Training sequences of every group with signal, and the number of groups dropped for zero spread."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, not {scale_rewards!r}")
+    everything = [r.reward.total for g in groups for r in g]
+    scale = {"group": None, "batch": _std(everything) if len(everything) > 1 else 1.0, "none": 1.0}[scale_rewards]
     sequences: list[Sequence] = []
     dropped = 0
     for group in groups:
-        advantages = group_advantages([r.reward.total for r in group])
+        advantages = group_advantages([r.reward.total for r in group], scale)
         if advantages is None:
             dropped += 1
             continue
@@ -87,19 +103,96 @@ def rollout_sequences(groups: list[list[Rollout]]) -> tuple[list[Sequence], int]
 
 
 def token_logprobs(model: Any, ids: list[int], positions: list[int]) -> Any:
-    """log p(ids[p] | ids[:p]) for each p in `positions` (raw logits, temperature 1).
-
-    Only the scored positions go through the LM head (a 49k-word head over every position would cost
-    more than the top layers).
-    """
+    """log p(ids[p] | ids[:p]) for each p in `positions` (raw logits, temperature 1)."""
     import torch
 
     input_ids = torch.tensor([ids], dtype=torch.long)
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[0]
+    return _head_logprobs(model, backbone(input_ids=input_ids, use_cache=False).last_hidden_state[0], ids, positions)
+
+
+def _head_logprobs(model: Any, hidden: Any, ids: list[int], positions: list[int]) -> Any:
+    """The LM head's log-probabilities of ids[p] from the final hidden states, at `positions` only.
+
+    Why only there: a 49k-word head over every position would cost more than the top layers.
+    """
+    import torch
+
     index = torch.tensor(positions, dtype=torch.long)
     logits = model.get_output_embeddings()(hidden[index - 1]).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, input_ids[0, index].unsqueeze(1)).squeeze(1)
+    targets = torch.tensor(ids, dtype=torch.long)[index]
+    return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def frozen_trunk_layers(model: Any) -> int:
+    """How many bottom decoder layers (with the embeddings) are frozen: the trunk policy and reference share.
+
+    0 when the embeddings train or the model's layers cannot be found (then nothing is shared).
+    """
+    backbone = getattr(model, model.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if layers is None or any(p.requires_grad for p in model.get_input_embeddings().parameters()):
+        return 0
+    count = 0
+    for layer in layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        count += 1
+    return count if count < len(layers) else 0
+
+
+@contextmanager
+def _running_only(backbone: Any, layers: list[Any], final_norm: bool) -> Iterator[None]:
+    """Let `backbone.forward` run just `layers` (and the final norm or not); restored on exit.
+
+    Why swap modules instead of re-implementing the forward: the backbone's own forward keeps building the
+    causal mask and rotary embeddings as the model family does. Only for the update, while no rollout
+    generates with the model.
+    """
+    import torch
+
+    all_layers, norm = backbone.layers, backbone.norm
+    backbone.layers = torch.nn.ModuleList(layers)
+    if not final_norm:
+        backbone.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        backbone.layers, backbone.norm = all_layers, norm
+
+
+def policy_and_reference_logprobs(model: Any, ref: Any | None, ids: list[int], positions: list[int],
+                                  trunk: int = 0) -> tuple[Any, Any | None]:
+    """(policy log-probs with grad, reference log-probs or None) of ids at `positions`.
+
+    With `trunk` > 0 (`frozen_trunk_layers`) the bottom `trunk` layers are frozen and equal in the policy
+    and its reference copy, so their output is computed once, without grad, and both run only their top
+    layers on it: one full forward instead of two (the update's cost on a CPU). Equal to two full forwards.
+    """
+    import torch
+
+    if not trunk:
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref, ids, positions)
+        return token_logprobs(model, ids, positions), ref_logp
+    backbone = getattr(model, model.base_model_prefix)
+    layers = list(backbone.layers)
+    with torch.no_grad(), _running_only(backbone, layers[:trunk], final_norm=False):
+        hidden = backbone(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).last_hidden_state
+
+    def top(owner: Any) -> Any:
+        owner_backbone = getattr(owner, owner.base_model_prefix)
+        with _running_only(owner_backbone, list(owner_backbone.layers)[trunk:], final_norm=True):
+            return _head_logprobs(owner, owner_backbone(inputs_embeds=hidden, use_cache=False).last_hidden_state[0],
+                                  ids, positions)
+
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = top(ref)
+    return top(model), ref_logp
 
 
 def per_token_loss(logp: Any, old_logp: Any, ref_logp: Any | None, advantage: float, *, beta: float,
@@ -136,12 +229,10 @@ def accumulate_gradients(model: Any, ref: Any | None, sequences: list[Sequence],
         from tqdm import tqdm
 
         iterator = tqdm(sequences, desc="update", unit="seq", leave=False)
+    trunk = frozen_trunk_layers(model)
+    reference = ref if beta != 0.0 else None
     for seq in iterator:
-        ref_logp = None
-        if ref is not None and beta != 0.0:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref, seq.ids, seq.positions)
-        logp = token_logprobs(model, seq.ids, seq.positions)
+        logp, ref_logp = policy_and_reference_logprobs(model, reference, seq.ids, seq.positions, trunk)
         old = torch.tensor(seq.old_logprobs) if seq.old_logprobs is not None else logp.detach()
         loss, kl, clipped = per_token_loss(logp, old, ref_logp, seq.advantage, beta=beta, epsilon=epsilon)
         (loss.sum() / tokens).backward()

@@ -182,6 +182,7 @@ def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:
         "reward_std": statistics.pstdev(totals) if len(totals) > 1 else 0.0,
         "group_std_mean": mean([statistics.pstdev([r.reward.total for r in g]) for g in groups if len(g) > 1]),
         "group_means": [round(mean([r.reward.total for r in g]), 4) for g in groups],
+        "totals": [round(t, 5) for t in totals],  # in (task, member) order: pairs with another run on the same seeds
         "task": mean([r.reward.task for r in rollouts]),
         "reflection": mean([r.reward.reflection for r in rollouts]),
         "behaviour": mean([r.reward.behaviour for r in rollouts]),
@@ -191,3 +192,18 @@ def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:
         "masked_runs": mean([float(r.reward.masked_by_policy) for r in rollouts]),
         "seconds_per_rollout": mean([r.seconds for r in rollouts]),
     }
+
+
+def paired_difference(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float] | None:
+    """Mean of after - before over rollouts paired by task and seed, with its standard error.
+
+    Why paired: both evaluations run the same tasks with the same run seeds, so much of the spread
+    between tasks cancels; the standard error says whether a change in the mean is more than sampling
+    noise (a difference under about two standard errors is not evidence of a change).
+    """
+    a, b = before.get("totals") or [], after.get("totals") or []
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [y - x for x, y in zip(a, b)]
+    sd = statistics.stdev(diffs)
+    return {"mean": statistics.fmean(diffs), "std": sd, "se": sd / len(diffs) ** 0.5, "pairs": len(diffs)}
