@@ -254,6 +254,38 @@ def test_one_grpo_step_changes_the_weights_logs_a_finite_loss_and_resumes(tiny, 
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
 
 
+def test_lora_step_trains_adapters_only_and_saves_a_merged_plain_model(tiny, tmp_path, sample_dir, likelihood_reward):
+    from graph.policies.local_model import load_local_model
+
+    import shutil
+
+    tiny_copy = tmp_path / "tiny"  # its own model object: peft adds adapters to it in place
+    shutil.copytree(tiny, tiny_copy)
+    start = trained_tensors(tiny_copy)
+    config_file = tmp_path / "grpo.yaml"
+    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0}
+    config_file.write_text(yaml.safe_dump(fields))
+    assert main(["train", "grpo", "--config", str(config_file)]) == 0
+    out = Path(fields["output_dir"])
+    row = json.loads((out / "rewards.jsonl").read_text().splitlines()[0])
+    assert row["tokens"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    summary = json.loads((out / "grpo_summary.json").read_text())
+    assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"] / 20  # adapters only
+    saved = (out / "checkpoint" / "trained.safetensors")
+    from safetensors.torch import load_file
+
+    assert all("lora_" in name and ".layers.1." in name for name in load_file(str(saved)))
+    final = trained_tensors(out / "final")
+    assert set(final) == set(start)  # merged: a plain model folder, no adapter tensors
+    changed = [k for k in final if not (final[k] == start[k]).all()]
+    assert changed and all(".layers.1." in k and k.endswith("proj.weight") for k in changed)
+    reloaded = load_local_model(out / "final")
+    assert reloaded.model.config.num_hidden_layers == 2
+
+    assert main(["train", "grpo", "--config", str(config_file), "--resume", "--max-steps", "2"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "rewards.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_openai_rollouts_through_serve_policy_record_tokens_and_sync_weights(tiny, tmp_path, sample_dir, likelihood_reward):
     import torch
 
@@ -305,6 +337,10 @@ def test_config_errors_name_the_problem(tmp_path):
         GRPOJobConfig(output_dir="x", num_generations=1)
     with pytest.raises(GRPOConfigError, match="pass_qualty"):
         GRPOJobConfig(output_dir="x", graph={"pass_qualty": 4})
+    with pytest.raises(GRPOConfigError, match="lora_r needs rollout_backend local"):
+        GRPOJobConfig(output_dir="x", rollout_backend="openai", base_url="http://127.0.0.1:1/v1", lora_r=8)
+    with pytest.raises(GRPOConfigError, match="scale_rewards"):
+        GRPOJobConfig(output_dir="x", scale_rewards="mean")
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")

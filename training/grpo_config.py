@@ -17,6 +17,10 @@ from typing import Any
 from training.grpo_rewards import RewardWeights
 
 
+#: The linear layers of a Llama-style decoder layer (attention and MLP) that get LoRA adapters.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class GRPOConfigError(ValueError):
     """The GRPO configuration file is missing, unreadable or has unknown or invalid keys."""
 
@@ -42,6 +46,9 @@ class GRPOJobConfig:
         heldout_tasks / heldout_seed / eval_generations: The held-out set (the `eval policy` tasks of that
             seed) and the rollouts per held-out task for the before/after reward.
         trainable_layers: Train only the top N decoder layers and the final norm (None: all).
+        lora_r / lora_alpha / lora_target_modules: With `lora_r`, train rank-r LoRA adapters (peft) on
+            those linear layers of the top `trainable_layers` layers instead of their weights; `final/`
+            is the merged model. Local backend only (the openai backend's sync sends full tensors).
         workers: Rollouts run at once (threads); the local backend serialises generation on one model.
         prefix_cache: Conversations whose attention cache the local backend keeps between turns (at
             least `workers`, or concurrent rollouts evict each other's).
@@ -87,6 +94,9 @@ class GRPOJobConfig:
     over_budget_penalty: float = 0.1
     # Runtime
     trainable_layers: int | None = 4
+    lora_r: int | None = None
+    lora_alpha: float = 16.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     workers: int = 4
     prefix_cache: int = 8
     batch_generation: bool = True
@@ -104,6 +114,10 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"weight_sync must be serve-policy, vllm or none, not {self.weight_sync!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise GRPOConfigError(f"scale_rewards must be group, batch or none, not {self.scale_rewards!r}")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise GRPOConfigError(f"lora_r must be a positive rank or unset, not {self.lora_r}")
+        if self.lora_r and self.rollout_backend == "openai":
+            raise GRPOConfigError("lora_r needs rollout_backend local: the openai weight sync sends full tensors, not adapters")
         if self.num_generations < 2:
             raise GRPOConfigError("num_generations must be at least 2: advantages are relative to the group")
         from graph.configuration import Configuration
