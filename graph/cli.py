@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--after", required=True, help="model folder after training (e.g. OUTPUT_DIR/final)")
     q.add_argument("--heldout-seed", dest="heldout_seed", type=int, help="another held-out set than the config's")
     q.add_argument("--heldout-tasks", dest="heldout_tasks", type=int, help="override the config's heldout_tasks")
+    q.add_argument("--workers", type=int, help="rollouts at once (local backend: rows of one decoding batch)")
     q.add_argument("--output-dir", dest="output_dir", help="where rollouts and grpo_compare.json go")
     q.set_defaults(func=_training("cmd_eval_grpo"))
 

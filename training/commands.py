@@ -89,7 +89,7 @@ def cmd_eval_grpo(args: argparse.Namespace) -> int:
     from training.grpo_config import GRPOJobConfig
 
     config = GRPOJobConfig.from_yaml(args.config, output_dir=args.output_dir, heldout_seed=args.heldout_seed,
-                                     heldout_tasks=args.heldout_tasks)
+                                     heldout_tasks=args.heldout_tasks, workers=args.workers)
     summary = compare_policies(config, args.before, args.after, progress=sys.stderr.isatty())
     print(f"held-out seed {summary['heldout_seed']}: {', '.join(summary['heldout_tasks'])}")
     print_heldout(summary)
