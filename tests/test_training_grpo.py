@@ -363,3 +363,21 @@ def test_eval_grpo_pairs_two_policies_on_another_heldout_set(tiny, tmp_path, sam
     assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
                          f"reward_after {summary['after']['reward_mean']:.4f}")
     assert len((out / "heldout_after.jsonl").read_text().splitlines()) == 2
+
+
+def test_bench_grpo_update_prints_kl_and_gain_per_setting(tiny, tmp_path, sample_dir, likelihood_reward, capsys):
+    import shutil
+
+    tiny_copy = tmp_path / "tiny"
+    shutil.copytree(tiny, tiny_copy)
+    config_file = tmp_path / "grpo.yaml"
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny_copy).__dict__))
+    assert main(["bench", "grpo-update", "--config", str(config_file), "--settings", "full:1e-2,lora2:1e-1",
+                 "--updates", "2", "--out", str(tmp_path / "bench")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("│ full") or line.startswith("│ lora2")]
+    assert len(rows) == 4  # two settings x two updates
+    kls = [float(row.split("│")[4]) for row in rows]
+    assert all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0  # the updates moved the policy
+    with pytest.raises(SystemExit, match="unknown setting"):
+        main(["bench", "grpo-update", "--config", str(config_file), "--settings", "adam:1e-3"])
