@@ -40,12 +40,12 @@ def measure(model: Any, sequences: list[Any], start: list[Any]) -> tuple[float, 
     """(KL (k3) to the start, surrogate gain sum(A * delta log p)) per policy token of `sequences`."""
     import torch
 
-    from training.grpo_loss import token_logprobs
+    from training.grpo_loss import k3_kl, token_logprobs
 
     with torch.no_grad():
         now = [token_logprobs(model, s.ids, s.positions) for s in sequences]
     tokens = sum(len(n) for n in now)
-    kl = sum(float((torch.exp(b - a) - (b - a) - 1).sum()) for a, b in zip(now, start)) / tokens
+    kl = sum(float(k3_kl(a, b).sum()) for a, b in zip(now, start)) / tokens
     gain = sum(float(s.advantage * (a - b).sum()) for s, a, b in zip(sequences, now, start)) / tokens
     return kl, gain
 

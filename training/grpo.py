@@ -125,7 +125,7 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     import torch
 
     from training.grpo_sync import sync_weights
-    from training.sft import freeze_for_training
+    from training.sft import count_parameters, freeze_for_training
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -294,11 +294,6 @@ def add_lora(model: Any, config: GRPOJobConfig) -> Any:
 def merged_copy(adapters: Any) -> Any:
     """A plain model with the adapters merged into its weights (what `--model` and serve-policy load)."""
     return copy.deepcopy(adapters).merge_and_unload()
-
-
-def count_parameters(model: Any) -> dict[str, int]:
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
 
 
 def _save_final(model: Any, config: GRPOJobConfig, folder: Path) -> None:

@@ -195,6 +195,13 @@ def policy_and_reference_logprobs(model: Any, ref: Any | None, ids: list[int], p
     return top(model), ref_logp
 
 
+def k3_kl(logp: Any, ref_logp: Any) -> Any:
+    """Per-token KL(policy || reference), the k3 estimator TRL uses: exp(r - p) - (r - p) - 1 (>= 0)."""
+    import torch
+
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+
+
 def per_token_loss(logp: Any, old_logp: Any, ref_logp: Any | None, advantage: float, *, beta: float,
                    epsilon: float) -> tuple[Any, Any, Any]:
     """(loss per token, KL per token, clipped flags) - TRL's token-level clipped surrogate + beta * k3 KL."""
@@ -205,7 +212,7 @@ def per_token_loss(logp: Any, old_logp: Any, ref_logp: Any | None, advantage: fl
     loss = -torch.min(ratio * advantage, clipped_ratio * advantage)
     kl = torch.zeros_like(logp)
     if ref_logp is not None and beta != 0.0:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        kl = k3_kl(logp, ref_logp)
         loss = loss + beta * kl
     clipped = (ratio * advantage > clipped_ratio * advantage).detach()
     return loss, kl.detach(), clipped

@@ -93,6 +93,11 @@ def freeze_for_training(model: Any, trainable_layers: int | None, train_embeddin
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             for parameter in module.parameters():
                 parameter.requires_grad = False
+    return count_parameters(model)
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    """Trainable and total parameter counts (what the training summaries report)."""
     return {
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
