@@ -46,7 +46,7 @@ def measure(model: Any, sequences: list[Any], start: list[Any]) -> tuple[float, 
         now = [token_logprobs(model, s.ids, s.positions) for s in sequences]
     tokens = sum(len(n) for n in now)
     kl = sum(float(k3_kl(a, b).sum()) for a, b in zip(now, start)) / tokens
-    gain = sum(float(s.advantage * (a - b).sum()) for s, a, b in zip(sequences, now, start)) / tokens
+    gain = sum(float((torch.tensor(s.advantages()) * (a - b)).sum()) for s, a, b in zip(sequences, now, start)) / tokens
     return kl, gain
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [train[(index * config.tasks_per_step + j) % len(train)] for j in range(config.tasks_per_step)]
         groups += run_groups(tasks, config.num_generations, config.graph_overrides(), Path(args.out) / f"round{index}",
                              config.weights, workers=config.workers)
-    sequences, dropped = rollout_sequences(groups, config.scale_rewards)
+    sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage)
     tokens = sum(len(s.positions) for s in sequences)
     print(f"{sum(len(g) for g in groups)} rollouts, {len(groups) - dropped} groups with spread, {tokens} policy tokens")
     if not sequences:

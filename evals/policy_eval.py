@@ -120,6 +120,28 @@ def turn_is_valid(message: AIMessage, after_mask: bool = True) -> bool:
     return isinstance(validate_call(call["name"], call.get("args"), call.get("id") or ""), ValidCall)
 
 
+def turns_accepted(messages: list[AnyMessage]) -> list[bool]:
+    """For each assistant turn in order: whether the graph took it (`turn_is_valid`, and its call not answered
+    with an error, e.g. an image that does not exist or a budget refusal).
+
+    Why stricter than `turn_is_valid`: a call can match its schema and still be one the run cannot use; the
+    turn-level credit of GRPO (`training.grpo_loss`) pushes down exactly the turns the graph turned away.
+    """
+    answers = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}
+    accepted: list[bool] = []
+    masked = False
+    for message in messages:
+        if isinstance(message, ToolMessage):
+            masked = masked or (message.name == "mask_gen" and not _text(message).startswith("Error:"))
+        elif isinstance(message, AIMessage):
+            ok = turn_is_valid(message, after_mask=masked)
+            if ok and message.tool_calls:
+                answer = answers.get(message.tool_calls[0].get("id") or "")
+                ok = answer is not None and not _text(answer).startswith("Error:")
+            accepted.append(ok)
+    return accepted
+
+
 def executed_calls(messages: list[AnyMessage]) -> list[ExecutedCall]:
     """The tool calls that ran, in order, with the budget used before each."""
     answers = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}

@@ -79,6 +79,8 @@ def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, 
         assert rollout.reward.total < 0.5 and rollout.turns and rollout.untracked_turns == 0
         for turn in rollout.turns:
             assert turn.logprobs is not None and len(turn.logprobs) == len(turn.token_ids) <= 12
+            assert not turn.accepted  # a random model's turns are all refused by the graph
+        assert rollout.log_row()["rejected_turns"] == len(rollout.turns)
         sequences = build_sequences(rollout.turns, 1.0)
         assert sum(len(s.positions) for s in sequences) == sum(len(t.token_ids) for t in rollout.turns)
 
@@ -143,6 +145,35 @@ def test_batch_and_unscaled_advantages_do_not_blow_up_a_group_with_a_tiny_spread
     assert rollout_sequences([group(1.0, 1.0)] + groups, "batch")[1] == 1  # flat groups are still dropped
     with pytest.raises(ValueError, match="scale_rewards"):
         rollout_sequences(groups, "mean")
+
+
+def test_refused_turns_get_their_own_push_down_and_keep_a_flat_group():
+    import torch
+
+    from training.grpo_rewards import RewardBreakdown
+    from training.grpo_rollouts import Rollout
+
+    def rollout(total, accepted):
+        turns = [Turn([1, 2], [3, 4], [-0.5, -0.5], accepted[0]), Turn([1, 2, 3, 4, 9], [5], [-0.7], accepted[1])]
+        return Rollout(task=None, group=0, member=0, seed=0, turns=turns,
+                       reward=RewardBreakdown(total, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+
+    good, bad = rollout(1.5, (True, True)), rollout(0.5, (True, False))
+    plain = rollout_sequences([[good, bad]], "none")[0]
+    credited = rollout_sequences([[good, bad]], "none", rejected_turn_advantage=1.0)[0]
+    def advantages(sequences):
+        return [[round(a, 3) for a in s.advantages()] for s in sequences]
+
+    assert advantages(plain) == [[0.5] * 3, [-0.5] * 3]  # DESIGN §6: one advantage per run
+    assert advantages(credited) == [[0.5] * 3, [-0.5, -0.5, -1.5]]  # only the refused turn's token
+    flat = [rollout(0.5, (True, False)), rollout(0.5, (True, True))]
+    assert rollout_sequences([flat], "none")[1] == 1  # without turn credit a flat group has no signal
+    kept, dropped = rollout_sequences([flat], "none", rejected_turn_advantage=1.0)
+    assert dropped == 0 and advantages(kept) == [[0.0, 0.0, -1.0], [0.0] * 3]
+    logp = torch.zeros(3, requires_grad=True)
+    loss, _, _ = per_token_loss(logp, logp.detach(), None, torch.tensor(credited[1].advantages()), beta=0.0, epsilon=0.2)
+    loss.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([0.5, 0.5, 1.5], abs=1e-3)  # descent lowers the refused token the most
 
 
 def test_shared_frozen_trunk_gives_the_same_logprobs_and_gradients_as_two_full_forwards():
@@ -341,6 +372,8 @@ def test_config_errors_name_the_problem(tmp_path):
         GRPOJobConfig(output_dir="x", rollout_backend="openai", base_url="http://127.0.0.1:1/v1", lora_r=8)
     with pytest.raises(GRPOConfigError, match="scale_rewards"):
         GRPOJobConfig(output_dir="x", scale_rewards="mean")
+    with pytest.raises(GRPOConfigError, match="rejected_turn_advantage"):
+        GRPOJobConfig(output_dir="x", rejected_turn_advantage=-1.0)
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")

@@ -108,3 +108,19 @@ def test_a_run_of_malformed_outputs_is_scored_low_without_raising():
     assert reward.total < 0 < score(expert()).total
     empty = score_rollout({}, {}, max_steps=10, max_image_gens=3, weights=WEIGHTS)
     assert empty.total <= 0.0
+
+
+def test_turns_the_graph_refused_are_marked_turn_by_turn():
+    from evals.policy_eval import turns_accepted
+
+    steps = [("prompt_gen", {}, "Instruction: x"),
+             ("quality_eval", {"image": 1}, "Error: invalid arguments for quality_eval"),  # fails its schema
+             ("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 2>"),
+             ("quality_eval", {"image": 7}, "Error: there is no image 7"),  # validates, but the graph refuses it
+             ("mask_gen", {"image": 2}, "Mask of image 2")]
+    output, _ = run(steps, {})
+    assert turns_accepted(output["messages"]) == [True, False, True, False, True, True]  # the answer after the mask
+    early, _ = run(steps[:1], {}, final="Here is your defect.")  # an answer before any mask is refused
+    assert turns_accepted(early["messages"]) == [True, False]
+    garbage, _ = run([], {}, final=None, raw_turns=["{not json"])
+    assert turns_accepted(garbage["messages"]) == [False]

@@ -45,6 +45,8 @@ class GRPOJobConfig:
             sample images of that seed, checked disjoint (by image hash) from the held-out images.
         heldout_tasks / heldout_seed / eval_generations: The held-out set (the `eval policy` tasks of that
             seed) and the rollouts per held-out task for the before/after reward.
+        rejected_turn_advantage: Turn-level credit c >= 0 (ours, not TRL's): the tokens of a turn the graph
+            refused get the run's advantage minus c (`training.grpo_loss`); 0 is DESIGN §6's run-level update.
         trainable_layers: Train only the top N decoder layers and the final norm (None: all).
         lora_r / lora_alpha / lora_target_modules: With `lora_r`, train rank-r LoRA adapters (peft) on
             those linear layers of the top `trainable_layers` layers instead of their weights; `final/`
@@ -73,6 +75,7 @@ class GRPOJobConfig:
     epsilon: float = 0.2
     num_iterations: int = 1
     scale_rewards: str = "group"
+    rejected_turn_advantage: float = 0.0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -114,6 +117,8 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"weight_sync must be serve-policy, vllm or none, not {self.weight_sync!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise GRPOConfigError(f"scale_rewards must be group, batch or none, not {self.scale_rewards!r}")
+        if self.rejected_turn_advantage < 0:
+            raise GRPOConfigError(f"rejected_turn_advantage must be >= 0 (a push down on refused turns), not {self.rejected_turn_advantage}")
         if self.lora_r is not None and self.lora_r < 1:
             raise GRPOConfigError(f"lora_r must be a positive rank or unset, not {self.lora_r}")
         if self.lora_r and self.rollout_backend == "openai":

@@ -15,6 +15,14 @@ The formulas are TRL 1.16's (`trl.trainer.grpo_trainer.GRPOTrainer`):
 
 Only the policy's own tokens carry loss; prompts, tool observations and the template's text are context.
 Log-probabilities are taken at temperature 1 from the raw logits, as the sampler's are recorded.
+
+Turn-level credit (``rejected_turn_advantage`` c > 0, our addition to DESIGN §6's run-level advantage):
+the tokens of a turn the graph turned away (an invalid call, a call answered with an error, an answer
+before the mask) get ``A_run - c`` instead of ``A_run``. Why: most failed runs start with one bad sampled
+turn (``quality_eval`` where ``image_gen`` belongs) and then go wrong; the run-level advantage spreads the
+blame over every token of the run, most of them fine, while the graph already says which turn it refused.
+With c = 0 (the default) the update is exactly DESIGN §6's. A flat group is still dropped unless one of
+its runs has a refused turn; then only c pushes (its run-level advantages are 0).
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ class Sequence:
     positions: list[int]
     old_logprobs: list[float] | None
     advantage: float
+    turn_credit: list[float] | None = None  # per position: added to `advantage` (-c on refused turns)
+
+    def advantages(self) -> list[float]:
+        """The advantage of each policy token (`positions` order)."""
+        if self.turn_credit is None:
+            return [self.advantage] * len(self.positions)
+        return [self.advantage + c for c in self.turn_credit]
 
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -57,26 +72,30 @@ def group_advantages(rewards: list[float], scale: float | None = None) -> list[f
     return [(r - mean) / ((std if scale is None else scale) + ADV_EPS) for r in rewards]
 
 
-def build_sequences(turns: list[Turn], advantage: float) -> list[Sequence]:
+def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage: float = 0.0) -> list[Sequence]:
     """The turns of one rollout as few sequences as their token ids allow.
 
     A turn whose prompt starts with the previous sequence (previous prompt + what was generated) is
     appended to it, so a rollout is usually one forward pass; when the chat template re-rendered the
     earlier reply differently (another tokenisation of the same text), a new sequence starts from the
     turn's own prompt, so every generated token is scored in exactly the context it was sampled in.
+    A turn the graph refused gets ``advantage - rejected_turn_advantage`` on its tokens (module doc).
     """
     out: list[Sequence] = []
     current: Sequence | None = None
+    credit = rejected_turn_advantage > 0
     for turn in turns:
         if current is not None and turn.prompt_ids[: len(current.ids)] == current.ids and len(turn.prompt_ids) >= len(current.ids):
             ids = list(turn.prompt_ids)
         else:
-            current = Sequence([], [], [] if turn.logprobs is not None else None, advantage)
+            current = Sequence([], [], [] if turn.logprobs is not None else None, advantage, [] if credit else None)
             out.append(current)
             ids = list(turn.prompt_ids)
         start = len(ids)
         current.ids = ids + list(turn.token_ids)
         current.positions.extend(range(start, start + len(turn.token_ids)))
+        if current.turn_credit is not None:
+            current.turn_credit.extend([0.0 if turn.accepted else -rejected_turn_advantage] * len(turn.token_ids))
         if current.old_logprobs is not None and turn.logprobs is not None:
             current.old_logprobs.extend(turn.logprobs)
         else:
@@ -84,8 +103,13 @@ def build_sequences(turns: list[Turn], advantage: float) -> list[Sequence]:
     return out
 
 
-def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group") -> tuple[list[Sequence], int]:
-    """Training sequences of every group with signal, and the number of groups dropped for zero spread."""
+def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
+                      rejected_turn_advantage: float = 0.0) -> tuple[list[Sequence], int]:
+    """Training sequences of every group with signal, and the number of groups dropped for zero spread.
+
+    With `rejected_turn_advantage` > 0, refused turns carry signal of their own (module doc), so a flat
+    group is kept when one of its runs has a refused turn.
+    """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, not {scale_rewards!r}")
     everything = [r.reward.total for g in groups for r in g]
@@ -95,10 +119,13 @@ def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group")
     for group in groups:
         advantages = group_advantages([r.reward.total for r in group], scale)
         if advantages is None:
-            dropped += 1
-            continue
+            refused = rejected_turn_advantage > 0 and any(not t.accepted for r in group for t in r.turns)
+            if not refused:
+                dropped += 1
+                continue
+            advantages = [0.0] * len(group)
         for rollout, advantage in zip(group, advantages):
-            sequences.extend(build_sequences(rollout.turns, advantage))
+            sequences.extend(build_sequences(rollout.turns, advantage, rejected_turn_advantage))
     return sequences, dropped
 
 
@@ -202,9 +229,12 @@ def k3_kl(logp: Any, ref_logp: Any) -> Any:
     return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
-def per_token_loss(logp: Any, old_logp: Any, ref_logp: Any | None, advantage: float, *, beta: float,
+def per_token_loss(logp: Any, old_logp: Any, ref_logp: Any | None, advantage: Any, *, beta: float,
                    epsilon: float) -> tuple[Any, Any, Any]:
-    """(loss per token, KL per token, clipped flags) - TRL's token-level clipped surrogate + beta * k3 KL."""
+    """(loss per token, KL per token, clipped flags) - TRL's token-level clipped surrogate + beta * k3 KL.
+
+    `advantage`: one float for every token, or a tensor with one per token (turn-level credit).
+    """
     import torch
 
     ratio = torch.exp(logp - old_logp)
@@ -241,7 +271,8 @@ def accumulate_gradients(model: Any, ref: Any | None, sequences: list[Sequence],
     for seq in iterator:
         logp, ref_logp = policy_and_reference_logprobs(model, reference, seq.ids, seq.positions, trunk)
         old = torch.tensor(seq.old_logprobs) if seq.old_logprobs is not None else logp.detach()
-        loss, kl, clipped = per_token_loss(logp, old, ref_logp, seq.advantage, beta=beta, epsilon=epsilon)
+        advantage = seq.advantage if seq.turn_credit is None else torch.tensor(seq.advantages())
+        loss, kl, clipped = per_token_loss(logp, old, ref_logp, advantage, beta=beta, epsilon=epsilon)
         (loss.sum() / tokens).backward()
         totals["loss"] += float(loss.detach().sum())
         totals["kl"] += float(kl.sum())

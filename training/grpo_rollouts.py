@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage
 
-from evals.policy_eval import Task
+from evals.policy_eval import Task, turns_accepted
 from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
 
 if TYPE_CHECKING:
@@ -39,11 +39,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Turn:
-    """One policy turn as generated: its prompt ids, the sampled ids and their sampling log-probabilities."""
+    """One policy turn as generated: its prompt ids, the sampled ids, their sampling log-probabilities, and
+    whether the graph took it (`evals.policy_eval.turns_accepted`: a valid call not answered with an error)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float] | None
+    accepted: bool = True
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Rollout:
     def log_row(self) -> dict[str, Any]:
         return {"category": self.task.category, "anomaly_type": self.task.anomaly_type, "group": self.group,
                 "member": self.member, "seed": self.seed, **self.reward.as_dict(), "turns": len(self.turns),
+                "rejected_turns": sum(not t.accepted for t in self.turns),
                 "untracked_turns": self.untracked_turns, "generated_tokens": sum(len(t.token_ids) for t in self.turns),
                 "seconds": round(self.seconds, 2), "error": self.error}
 
@@ -71,9 +74,7 @@ def turns_from_messages(messages: list[Any]) -> tuple[list[Turn], int]:
     """The recorded turns of a run, and how many assistant turns had no token record (not trainable)."""
     turns: list[Turn] = []
     untracked = 0
-    for message in messages:
-        if not isinstance(message, AIMessage):
-            continue
+    for message, accepted in zip([m for m in messages if isinstance(m, AIMessage)], turns_accepted(messages)):
         meta = message.response_metadata or {}
         ids, prompt = meta.get("token_ids"), meta.get("prompt_token_ids")
         if not ids or not prompt:
@@ -82,7 +83,7 @@ def turns_from_messages(messages: list[Any]) -> tuple[list[Turn], int]:
         logprobs = meta.get("logprobs")
         if logprobs is not None and len(logprobs) != len(ids):
             logprobs = None
-        turns.append(Turn(list(prompt), list(ids), list(logprobs) if logprobs is not None else None))
+        turns.append(Turn(list(prompt), list(ids), list(logprobs) if logprobs is not None else None, accepted))
     return turns, untracked
 
 
@@ -188,6 +189,7 @@ def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:
         "behaviour": mean([r.reward.behaviour for r in rollouts]),
         "score": mean([r.reward.score for r in rollouts]),
         "valid_turns": mean([r.reward.valid_turns for r in rollouts]),
+        "rejected_turns": mean([float(sum(not t.accepted for t in r.turns)) for r in rollouts]),
         "protocol": mean([float(r.reward.protocol) for r in rollouts]),
         "masked_runs": mean([float(r.reward.masked_by_policy) for r in rollouts]),
         "seconds_per_rollout": mean([r.seconds for r in rollouts]),
