@@ -201,3 +201,66 @@ def test_scheduler_decodes_the_active_clients_requests_as_one_batch(tiny_model):
         model.enable_batching(False)
     assert batcher.batch_sizes == [3]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+
+
+def test_rows_leave_the_batch_as_soon_as_they_stop(tiny_model):
+    import torch
+
+    from graph.policies.batched_generation import DecodeRequest, RunningBatch
+
+    model = load_local_model(tiny_model)
+    prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
+    single = [model.generate(c, tools=tool_schemas(), max_new_tokens=10, logprobs=True) for c in PROMPTS]
+    limits = [10, 4, 7]
+    requests = [DecodeRequest(p, n, logprobs=True) for p, n in zip(prompts, limits)]
+    finished_at, widths = {}, []
+    with model._lock, torch.inference_mode():
+        running = RunningBatch(model)
+        running.start(requests)
+        for step in range(20):
+            widths.append(len(running.rows))
+            finished_at.update((requests.index(r), (step, g)) for r, g in running.advance())
+            if not running.rows:
+                break
+    assert {i: at for i, (at, _) in finished_at.items()} == {0: 9, 1: 3, 2: 6} and running.batch is None
+    assert widths == [3] * 4 + [2] * 3 + [1] * 3  # no padded rows once a row has stopped
+    for index, one in enumerate(single):
+        row = finished_at[index][1]
+        assert row.token_ids == one.token_ids[:limits[index]]
+        assert row.logprobs == pytest.approx(_recomputed_logprobs(model, prompts[index], row.token_ids), abs=1e-4)
+
+
+def test_scheduler_hands_a_short_reply_back_before_the_long_one_stops(tiny_model):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load_local_model(tiny_model)
+    short, long = PROMPTS[0], PROMPTS[2]
+    alone = [model.generate(short, tools=tool_schemas(), max_new_tokens=2),
+             model.generate(long, tools=tool_schemas(), max_new_tokens=400)]
+    assert len(alone[1].token_ids) == 400
+    follow = short + [{"role": "assistant", "content": alone[0].text}, {"role": "user", "content": "next"}]
+    alone.append(model.generate(follow, tools=tool_schemas(), max_new_tokens=2))
+    try:
+        model.enable_batching(True, wait_s=5.0)
+        batcher = model.batcher
+
+        def two_turns():
+            with batcher.client():
+                first = model.generate(short, tools=tool_schemas(), max_new_tokens=2)
+                returned = time.monotonic()
+                return [first, model.generate(follow, tools=tool_schemas(), max_new_tokens=2)], returned
+
+        def one_long_turn():
+            with batcher.client():
+                return [model.generate(long, tools=tool_schemas(), max_new_tokens=400)], time.monotonic()
+
+        with batcher.reserve(2), ThreadPoolExecutor(2) as pool:
+            first, second = pool.submit(two_turns), pool.submit(one_long_turn)
+            (turns, short_back), (long_turn, long_back) = first.result(), second.result()
+    finally:
+        model.enable_batching(False)
+    # The short reply came back while the long one still had ~398 tokens to go (~0.9 s here), not with it.
+    assert long_back - short_back > 0.2
+    assert batcher.batch_sizes == [2, 1]  # the next turn started its own batch after the long reply
+    assert [g.token_ids for g in turns + long_turn] == [alone[0].token_ids, alone[2].token_ids, alone[1].token_ids]

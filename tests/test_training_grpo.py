@@ -414,3 +414,19 @@ def test_bench_grpo_update_prints_kl_and_gain_per_setting(tiny, tmp_path, sample
     assert all(math.isfinite(k) and k >= 0 for k in kls) and max(kls) > 0  # the updates moved the policy
     with pytest.raises(SystemExit, match="unknown setting"):
         main(["bench", "grpo-update", "--config", str(config_file), "--settings", "adam:1e-3"])
+
+
+def test_bench_rollouts_times_one_round_per_decoding_mode_on_the_same_seeds(tiny, tmp_path, sample_dir, capsys):
+    import shutil
+
+    tiny_copy = tmp_path / "tiny"  # its own LocalModel: the modes switch batching on the loaded model
+    shutil.copytree(tiny, tiny_copy)
+    config_file = tmp_path / "grpo.yaml"
+    config_file.write_text(yaml.safe_dump({**job(tmp_path, tiny_copy).__dict__, "temperature": 0.0}))
+    assert main(["bench", "rollouts", "--config", str(config_file), "--out", str(tmp_path / "bench")]) == 0
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if line.startswith(("│ one", "│ batched"))]
+    assert [r[1].strip() for r in rows] == ["one", "batched"]
+    assert all(float(r[2]) > 0 and int(r[3]) == 2 and int(r[4]) > 0 for r in rows)
+    assert all(r[7].strip() == "2/2" for r in rows)  # greedy: every mode generated the same tokens
+    with pytest.raises(SystemExit, match="unknown mode"):
+        main(["bench", "rollouts", "--config", str(config_file), "--modes", "fast"])
