@@ -132,12 +132,12 @@ def turns_accepted(messages: list[AnyMessage]) -> list[bool]:
     masked = False
     for message in messages:
         if isinstance(message, ToolMessage):
-            masked = masked or (message.name == "mask_gen" and not _text(message).startswith("Error:"))
+            masked = masked or (message.name == "mask_gen" and not _is_error(message))
         elif isinstance(message, AIMessage):
             ok = turn_is_valid(message, after_mask=masked)
             if ok and message.tool_calls:
                 answer = answers.get(message.tool_calls[0].get("id") or "")
-                ok = answer is not None and not _text(answer).startswith("Error:")
+                ok = answer is not None and not _is_error(answer)
             accepted.append(ok)
     return accepted
 
@@ -154,7 +154,7 @@ def executed_calls(messages: list[AnyMessage]) -> list[ExecutedCall]:
             first = message.tool_calls[0]
             answer = answers.get(first["id"])
             checked = validate_call(first["name"], first.get("args"), first.get("id") or "")
-            if isinstance(checked, ValidCall) and answer is not None and not _text(answer).startswith("Error:"):
+            if isinstance(checked, ValidCall) and answer is not None and not _is_error(answer):
                 calls.append(ExecutedCall(checked.name, checked.args.model_dump(), steps, gens))
                 gens += checked.name == "image_gen"
         steps += 1
@@ -227,7 +227,7 @@ def measure_run(output: dict[str, Any], record: dict[str, Any], max_steps: int, 
     for message in messages:
         if isinstance(message, AIMessage):
             valid += turn_is_valid(message, after_mask=masked)
-        elif isinstance(message, ToolMessage) and message.name == "mask_gen" and not _text(message).startswith("Error:"):
+        elif isinstance(message, ToolMessage) and message.name == "mask_gen" and not _is_error(message):
             masked = True
     return RunMetrics(
         status=str(output.get("status")),
@@ -326,6 +326,11 @@ def format_table(summary: dict[str, Any], title: str) -> Any:
         *(("error", error) for error in summary["errors"][:3]),
     ]
     return measure_table(title, rows)
+
+
+def _is_error(answer: AnyMessage) -> bool:
+    """Whether a tool answer is the graph's error observation (`graph.prompts` starts them with "Error:")."""
+    return _text(answer).startswith("Error:")
 
 
 def _text(message: AnyMessage) -> str:

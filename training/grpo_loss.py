@@ -119,7 +119,7 @@ def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
     for group in groups:
         advantages = group_advantages([r.reward.total for r in group], scale)
         if advantages is None:
-            refused = rejected_turn_advantage > 0 and any(not t.accepted for r in group for t in r.turns)
+            refused = rejected_turn_advantage > 0 and any(r.rejected_turns for r in group)
             if not refused:
                 dropped += 1
                 continue

@@ -62,10 +62,15 @@ class Rollout:
     seconds: float = 0.0
     error: str | None = None
 
+    @property
+    def rejected_turns(self) -> int:
+        """Turns of this run the graph refused (see `Turn.accepted`)."""
+        return sum(not t.accepted for t in self.turns)
+
     def log_row(self) -> dict[str, Any]:
         return {"category": self.task.category, "anomaly_type": self.task.anomaly_type, "group": self.group,
                 "member": self.member, "seed": self.seed, **self.reward.as_dict(), "turns": len(self.turns),
-                "rejected_turns": sum(not t.accepted for t in self.turns),
+                "rejected_turns": self.rejected_turns,
                 "untracked_turns": self.untracked_turns, "generated_tokens": sum(len(t.token_ids) for t in self.turns),
                 "seconds": round(self.seconds, 2), "error": self.error}
 
@@ -189,7 +194,7 @@ def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:
         "behaviour": mean([r.reward.behaviour for r in rollouts]),
         "score": mean([r.reward.score for r in rollouts]),
         "valid_turns": mean([r.reward.valid_turns for r in rollouts]),
-        "rejected_turns": mean([float(sum(not t.accepted for t in r.turns)) for r in rollouts]),
+        "rejected_turns": mean([float(r.rejected_turns) for r in rollouts]),
         "protocol": mean([float(r.reward.protocol) for r in rollouts]),
         "masked_runs": mean([float(r.reward.masked_by_policy) for r in rollouts]),
         "seconds_per_rollout": mean([r.seconds for r in rollouts]),
