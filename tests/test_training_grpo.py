@@ -248,6 +248,16 @@ def test_paired_difference_pairs_rollouts_by_task_and_seed():
     assert paired_difference({"totals": [1.0, 2.0]}, {"totals": [1.0]}) is None
 
 
+def test_time_limit_stops_before_a_step_expected_to_end_past_it():
+    from training.grpo import next_step_fits
+
+    history = [{"seconds": 100.0}, {"seconds": 200.0}]  # the mean step: 150 s
+    assert next_step_fits(300.0, history, 450.0)  # 300 + 150 ends exactly at the limit
+    assert not next_step_fits(301.0, history, 450.0)  # the old rule (stop once past 450 s) would run a step more
+    assert next_step_fits(0.0, [], 10.0) and not next_step_fits(11.0, [], 10.0)  # no forecast yet: only the limit
+    assert next_step_fits(1e9, history, None)
+
+
 def test_clipped_loss_and_kl_follow_trl():
     import torch
 

@@ -186,12 +186,14 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None)
         if config.rollout_backend == "openai" and config.weight_sync != "none":
             sync_weights(config, model, out / "sync")
-        limit_hit = config.time_limit_s is not None and state["train_seconds"] > config.time_limit_s
+        limit_hit = not next_step_fits(state["train_seconds"], state["history"], config.time_limit_s)
         if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
             save_checkpoint(out / CHECKPOINT, model, optimizer, state)
         if limit_hit:
             stopped_by_time = True
-            logger.warning("time limit of %.0f s reached after step %d", config.time_limit_s, step + 1)
+            logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; a step takes %.0f s on "
+                           "average)", config.time_limit_s, step + 1, state["train_seconds"],
+                           mean_step_seconds(state["history"]))
             break
     after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
     plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after)
@@ -209,6 +211,22 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def mean_step_seconds(history: list[dict[str, Any]]) -> float:
+    """The mean wall time of the steps so far (0 before the first)."""
+    return sum(row["seconds"] for row in history) / len(history) if history else 0.0
+
+
+def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
+    """Whether one more step is expected to end within `limit_s` seconds of training.
+
+    Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
+    overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
+    inside a fixed wall-time budget. The mean of the steps so far is the forecast; a long step still
+    overruns by its excess over the mean, not by a whole step.
+    """
+    return limit_s is None or train_seconds + mean_step_seconds(history) <= limit_s
 
 
 def compare_policies(config: GRPOJobConfig, before_model: str, after_model: str, *,

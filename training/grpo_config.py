@@ -57,7 +57,8 @@ class GRPOJobConfig:
         batch_generation: Local backend: decode the concurrent rollouts' replies as one batch (one
             forward pass per token for all of them) instead of one at a time.
         save_steps: Save a checkpoint every N optimizer steps (and at the end); `--resume` continues it.
-        time_limit_s: Stop training (not the final evaluation) after this many seconds.
+        time_limit_s: Stop training (not the final evaluation) before a step that is expected to end past
+            this many seconds of training (the mean step so far is the forecast).
     """
 
     output_dir: str
