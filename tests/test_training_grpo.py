@@ -176,6 +176,38 @@ def test_refused_turns_get_their_own_push_down_and_keep_a_flat_group():
     assert logp.grad.tolist() == pytest.approx([0.5, 0.5, 1.5], abs=1e-3)  # descent lowers the refused token the most
 
 
+def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_never_pushes_a_refusal_up():
+    from training.grpo_rewards import RewardBreakdown
+    from training.grpo_rollouts import Rollout
+
+    def rollout(total, accepted):
+        # turns that extend each other: [1, 2] -> 3 | +9 -> 4 | +9 -> 5 | +9 -> 6 (one sequence per run)
+        turns, prompt = [], [1, 2]
+        for i, ok in enumerate(accepted):
+            turns.append(Turn(list(prompt), [3 + i], [-0.1 * (i + 1)], ok))
+            prompt = prompt + [3 + i, 9]
+        return Rollout(task=None, group=0, member=0, seed=0, turns=turns,
+                       reward=RewardBreakdown(total, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+
+    failed = rollout(0.2, (True, False, False, True))    # a bad turn, a copy of it, then a valid turn
+    recovered = rollout(1.3, (True, False, True, True))  # above the group's mean despite one refusal
+    good = rollout(1.5, (True, True, True, True))
+    groups = [[failed, recovered], [failed, good]]
+    every = rollout_sequences(groups, "none")[0]
+    first = rollout_sequences(groups, "none", refusal_credit="first")[0]
+    assert [len(s.positions) for s in every] == [4, 4, 4, 4]  # DESIGN §6: every token of every run
+    (failed_a, recovered_a, failed_b, good_b) = first
+    assert failed_a.advantage < 0 and failed_a.ids[failed_a.positions[-1]] == 4  # up to the first refused turn
+    assert failed_a.old_logprobs == pytest.approx([-0.1, -0.2]) and failed_b.positions == failed_a.positions
+    assert recovered_a.advantage > 0 and [recovered_a.ids[p] for p in recovered_a.positions] == [3, 5, 6]
+    assert recovered_a.old_logprobs == pytest.approx([-0.1, -0.3, -0.4])  # aligned with the kept positions
+    assert good_b.positions == every[3].positions  # a clean run is trained on whole
+    lucky = rollout_sequences([[rollout(1.5, (False,)), rollout(0.5, (True,))]], "none", refusal_credit="first")[0]
+    assert len(lucky) == 1 and lucky[0].advantage < 0  # a run of refused turns alone is never pushed up
+    with pytest.raises(ValueError, match="refusal_credit"):
+        rollout_sequences(groups, "none", refusal_credit="last")
+
+
 def test_shared_frozen_trunk_gives_the_same_logprobs_and_gradients_as_two_full_forwards():
     import copy
 
@@ -384,6 +416,8 @@ def test_config_errors_name_the_problem(tmp_path):
         GRPOJobConfig(output_dir="x", scale_rewards="mean")
     with pytest.raises(GRPOConfigError, match="rejected_turn_advantage"):
         GRPOJobConfig(output_dir="x", rejected_turn_advantage=-1.0)
+    with pytest.raises(GRPOConfigError, match="refusal_credit"):
+        GRPOJobConfig(output_dir="x", refusal_credit="last")
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")

@@ -47,6 +47,10 @@ class GRPOJobConfig:
             seed) and the rollouts per held-out task for the before/after reward.
         rejected_turn_advantage: Turn-level credit c >= 0 (ours, not TRL's): the tokens of a turn the graph
             refused get the run's advantage minus c (`training.grpo_loss`); 0 is DESIGN §6's run-level update.
+        refusal_credit: Which turns of a run carry loss (ours): ``run`` every turn (DESIGN §6), ``first`` a
+            run below its group's mean up to its first refused turn and a run above it on its accepted
+            turns only, so the copies of a malformed call that follow a bad turn are context, not loss
+            (`training.grpo_loss`).
         trainable_layers: Train only the top N decoder layers and the final norm (None: all).
         lora_r / lora_alpha / lora_target_modules: With `lora_r`, train rank-r LoRA adapters (peft) on
             those linear layers of the top `trainable_layers` layers instead of their weights; `final/`
@@ -77,6 +81,7 @@ class GRPOJobConfig:
     num_iterations: int = 1
     scale_rewards: str = "group"
     rejected_turn_advantage: float = 0.0
+    refusal_credit: str = "run"
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -120,6 +125,8 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"scale_rewards must be group, batch or none, not {self.scale_rewards!r}")
         if self.rejected_turn_advantage < 0:
             raise GRPOConfigError(f"rejected_turn_advantage must be >= 0 (a push down on refused turns), not {self.rejected_turn_advantage}")
+        if self.refusal_credit not in ("run", "first"):
+            raise GRPOConfigError(f"refusal_credit must be run or first, not {self.refusal_credit!r}")
         if self.lora_r is not None and self.lora_r < 1:
             raise GRPOConfigError(f"lora_r must be a positive rank or unset, not {self.lora_r}")
         if self.lora_r and self.rollout_backend == "openai":

@@ -23,6 +23,16 @@ turn (``quality_eval`` where ``image_gen`` belongs) and then go wrong; the run-l
 blame over every token of the run, most of them fine, while the graph already says which turn it refused.
 With c = 0 (the default) the update is exactly DESIGN §6's. A flat group is still dropped unless one of
 its runs has a refused turn; then only c pushes (its run-level advantages are 0).
+
+Refusal-aware token selection (``refusal_credit="first"``, ours): which turns of a run carry loss.
+A run with A < 0 trains on its turns up to and including the first refused one; the turns after it stay
+context. A run with A > 0 trains on its accepted turns only. Why: a failed run is usually one bad sampled
+turn followed by the model copying its own malformed call, nesting it deeper each turn (seen in the
+held-out traces: eight refused ``{"name": "image_gen", "arguments": {"name": ...`` turns after one missing
+comma). Under token-level normalisation those copies outweigh the turn that went wrong, and most of their
+tokens are the valid call syntax (``"image": 2}``) that successful runs need, so pushing them down pushes
+the format down. A refused turn in a run that still scored above its group's mean is never pushed up.
+``"run"`` (the default) trains every token on the run's advantage, DESIGN §6's update.
 """
 
 from __future__ import annotations
@@ -56,6 +66,17 @@ class Sequence:
 
 
 SCALE_REWARDS = ("group", "batch", "none")
+REFUSAL_CREDITS = ("run", "first")
+
+
+def turns_with_loss(turns: list[Turn], advantage: float, refusal_credit: str = "run") -> list[bool]:
+    """For each turn, whether its tokens carry loss or are context only (module doc, refusal-aware selection)."""
+    if refusal_credit == "run" or advantage == 0:
+        return [True] * len(turns)
+    if advantage > 0:
+        return [turn.accepted for turn in turns]
+    first_refused = next((i for i, turn in enumerate(turns) if not turn.accepted), len(turns))
+    return [i <= first_refused for i in range(len(turns))]
 
 
 def _std(values: list[float]) -> float:
@@ -72,19 +93,22 @@ def group_advantages(rewards: list[float], scale: float | None = None) -> list[f
     return [(r - mean) / ((std if scale is None else scale) + ADV_EPS) for r in rewards]
 
 
-def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage: float = 0.0) -> list[Sequence]:
+def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage: float = 0.0,
+                    refusal_credit: str = "run") -> list[Sequence]:
     """The turns of one rollout as few sequences as their token ids allow.
 
     A turn whose prompt starts with the previous sequence (previous prompt + what was generated) is
     appended to it, so a rollout is usually one forward pass; when the chat template re-rendered the
     earlier reply differently (another tokenisation of the same text), a new sequence starts from the
     turn's own prompt, so every generated token is scored in exactly the context it was sampled in.
-    A turn the graph refused gets ``advantage - rejected_turn_advantage`` on its tokens (module doc).
+    A turn the graph refused gets ``advantage - rejected_turn_advantage`` on its tokens, and with
+    `refusal_credit` "first" some turns are context only (module doc); a sequence left with no policy
+    token is not returned.
     """
     out: list[Sequence] = []
     current: Sequence | None = None
     credit = rejected_turn_advantage > 0
-    for turn in turns:
+    for turn, trained in zip(turns, turns_with_loss(turns, advantage, refusal_credit)):
         if current is not None and turn.prompt_ids[: len(current.ids)] == current.ids and len(turn.prompt_ids) >= len(current.ids):
             ids = list(turn.prompt_ids)
         else:
@@ -93,6 +117,8 @@ def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage
             ids = list(turn.prompt_ids)
         start = len(ids)
         current.ids = ids + list(turn.token_ids)
+        if not trained:
+            continue
         current.positions.extend(range(start, start + len(turn.token_ids)))
         if current.turn_credit is not None:
             current.turn_credit.extend([0.0 if turn.accepted else -rejected_turn_advantage] * len(turn.token_ids))
@@ -100,11 +126,11 @@ def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage
             current.old_logprobs.extend(turn.logprobs)
         else:
             current.old_logprobs = None
-    return out
+    return [sequence for sequence in out if sequence.positions]
 
 
 def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
-                      rejected_turn_advantage: float = 0.0) -> tuple[list[Sequence], int]:
+                      rejected_turn_advantage: float = 0.0, refusal_credit: str = "run") -> tuple[list[Sequence], int]:
     """Training sequences of every group with signal, and the number of groups dropped for zero spread.
 
     With `rejected_turn_advantage` > 0, refused turns carry signal of their own (module doc), so a flat
@@ -112,6 +138,8 @@ def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, not {scale_rewards!r}")
+    if refusal_credit not in REFUSAL_CREDITS:
+        raise ValueError(f"refusal_credit must be one of {', '.join(REFUSAL_CREDITS)}, not {refusal_credit!r}")
     everything = [r.reward.total for g in groups for r in g]
     scale = {"group": None, "batch": _std(everything) if len(everything) > 1 else 1.0, "none": 1.0}[scale_rewards]
     sequences: list[Sequence] = []
@@ -125,7 +153,7 @@ def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
                 continue
             advantages = [0.0] * len(group)
         for rollout, advantage in zip(group, advantages):
-            sequences.extend(build_sequences(rollout.turns, advantage, rejected_turn_advantage))
+            sequences.extend(build_sequences(rollout.turns, advantage, rejected_turn_advantage, refusal_credit))
     return sequences, dropped
 
 
