@@ -78,6 +78,26 @@ def test_strength_steps_guidance_come_from_the_configuration(tiny_sd, nut):
     assert result.info["init"] == "normal" and result.info["model_size"] == [96, 96]
 
 
+def test_a_prompt_too_long_for_clip_loses_its_location_clauses_first():
+    from evals.random_backends import tiny_clip_tokenizer
+    from tools.image_gen_diffusers import fit_to_text_encoder
+
+    tokenizer = tiny_clip_tokenizer()  # one token per character, CLIP's limit of 77
+    short = "photo of a nut with a dent defect. A dent."
+    assert fit_to_text_encoder(short, tokenizer) == short and fit_to_text_encoder(short * 3, None) == short * 3
+    long = "photo of a nut with a dent defect. A deep dent, soft edges, anywhere on the nut, on the rim region."
+    fitted = fit_to_text_encoder(long, tokenizer)
+    assert fitted == "photo of a nut with a dent defect. A deep dent, soft edges." and len(tokenizer(fitted).input_ids) <= 77
+    longer = "photo of a nut with a dent defect. A deep dent, soft rounded edges, low contrast, a sharp dark rim, anywhere on the nut."
+    assert fit_to_text_encoder(longer, tokenizer) == "photo of a nut with a dent defect. A deep dent, soft rounded edges, low contrast."
+
+
+def test_the_pipeline_reads_the_fitted_prompt(tiny_sd, nut):
+    request = REQUEST.model_copy(update={"prompt": "a small dark scratch, thin and straight, anywhere on the metal nut"})
+    info = _inpainter(tiny_sd).generate(nut, request).info
+    assert "anywhere" not in info["model_prompt"] and "scratch" in info["model_prompt"]
+
+
 def test_the_pipeline_loads_once_per_process(tiny_sd):
     from tools.image_gen_diffusers import load_pipeline
 

@@ -144,6 +144,42 @@ def model_prompt(request: GenerationRequest, shape: str | None) -> str:
     return f"close-up inspection photo of a {subject} with a {kind}{defect} defect. {request.prompt}"
 
 
+#: First words of a clause that only says where the defect goes ("anywhere on the tile", "on the shell
+#: region"): this backend's mask already decides that, so these clauses are dropped first to fit CLIP.
+LOCATION_WORDS = ("anywhere", "on", "near", "at", "along", "across", "around", "over", "in", "inside", "within")
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text).input_ids)
+
+
+def fit_to_text_encoder(prompt: str, tokenizer: Any | None) -> str:
+    """The prompt cut to what a CLIP text encoder reads, dropping the least useful clauses first.
+
+    Why: SD and SDXL pipelines silently cut the prompt at the tokenizer's 77 tokens, so a long instruction
+    (an LLM's PG, or one rewritten with the review's fixes) loses its tail, whatever that holds. The
+    embedded PG's instructions (14-21 words, ~40 CLIP tokens with the subject line) fit; the random-weight
+    bench pipelines, whose tokenizer has one token per character, cut every one. Here the planned mask
+    says where the defect goes, so comma clauses that start with a place word go first; then clauses from
+    the end, keeping the first one (the defect itself); what is still too long is left to the tokenizer.
+    A prompt that fits, or a pipeline without a length-limited tokenizer, is returned unchanged.
+    """
+    limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer is None or not isinstance(limit, int) or limit > 4096 or _token_count(tokenizer, prompt) <= limit:
+        return prompt
+    head, dot, instruction = prompt.partition(". ")
+    prefix = f"{head}." if dot else ""
+    clauses = [c.strip() for c in (instruction if dot else prompt).rstrip(". ").split(",") if c.strip()]
+
+    def text(kept: list[str]) -> str:
+        return (f"{prefix} " if prefix else "") + ", ".join(kept) + "."
+
+    kept = [c for i, c in enumerate(clauses) if i == 0 or c.split()[0].lower() not in LOCATION_WORDS]
+    while len(kept) > 1 and _token_count(tokenizer, text(kept)) > limit:
+        kept.pop()
+    return text(kept)
+
+
 @dataclass
 class DiffusersInpainter:
     """`ImageGenerator` over a diffusers pipeline; the edit region comes from the procedural planner.
@@ -181,6 +217,12 @@ class DiffusersInpainter:
         self._multiple = max(16, 2 * scale)
         self._resolution = self.resolution or native_resolution(self.pipe)
 
+    def _prompt(self, request: GenerationRequest, shape: str | None) -> str:
+        """`model_prompt`, fitted to the CLIP text encoder that SD and SDXL read it with (FLUX and Qwen
+        read it with encoders of longer context, so it goes whole)."""
+        text = model_prompt(request, shape)
+        return fit_to_text_encoder(text, getattr(self.pipe, "tokenizer", None)) if self.kind == "inpaint" else text
+
     def generate(self, image: np.ndarray, request: GenerationRequest) -> GenerationResult:
         """Plan the defect, inpaint its window with the pipeline, paste it back (see module docstring)."""
         plan = plan_edit(self.planner, image, request)
@@ -188,7 +230,7 @@ class DiffusersInpainter:
         init = plan.sketch if self.init == "sketch" else image
         guidance = self.guidance if self.guidance is not None else DEFAULT_GUIDANCE.get(self.kind, 7.5)
         kwargs: dict[str, Any] = {
-            "prompt": model_prompt(request, plan.sketch_result.info.get("shape")),
+            "prompt": self._prompt(request, plan.sketch_result.info.get("shape")),
             "image": to_model(plan.crop(init), (width, height)),
             "mask_image": to_model(plan.crop(plan.edit_mask), (width, height)),
             "height": height,
@@ -213,6 +255,7 @@ class DiffusersInpainter:
             "engine": "diffusers",
             "pipeline": type(self.pipe).__name__,
             "model": Path(self.model_path).name,
+            "model_prompt": kwargs["prompt"],
             "seed": request.seed,
             "init": self.init,
             "strength": self.strength,
