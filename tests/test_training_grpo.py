@@ -208,6 +208,25 @@ def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_ne
         rollout_sequences(groups, "none", refusal_credit="last")
 
 
+def test_negative_advantage_scale_shrinks_only_the_runs_below_their_group_and_zero_drops_them():
+    from training.grpo_rewards import RewardBreakdown
+    from training.grpo_rollouts import Rollout
+
+    def group(*totals):
+        return [Rollout(task=None, group=0, member=i, seed=i, turns=[Turn([1, 2], [3 + i], [-0.5])],
+                        reward=RewardBreakdown(t, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+                for i, t in enumerate(totals)]
+
+    groups = [group(1.5, 0.3, 1.2), group(1.0, 1.0)]  # mean 1.0: +0.5, -0.7, +0.2; the flat group is dropped
+    full, dropped = rollout_sequences(groups, "none")
+    half = rollout_sequences(groups, "none", negative_advantage_scale=0.5)[0]
+    positive, dropped_too = rollout_sequences(groups, "none", negative_advantage_scale=0.0)
+    assert [round(s.advantage, 3) for s in full] == [0.5, -0.7, 0.2] and dropped == dropped_too == 1
+    assert [round(s.advantage, 3) for s in half] == [0.5, -0.35, 0.2]
+    assert [round(s.advantage, 3) for s in positive] == [0.5, 0.2]  # the failed run is not even context
+    assert [s.ids[s.positions[0]] for s in positive] == [3, 5]
+
+
 def test_shared_frozen_trunk_gives_the_same_logprobs_and_gradients_as_two_full_forwards():
     import copy
 
@@ -418,6 +437,8 @@ def test_config_errors_name_the_problem(tmp_path):
         GRPOJobConfig(output_dir="x", rejected_turn_advantage=-1.0)
     with pytest.raises(GRPOConfigError, match="refusal_credit"):
         GRPOJobConfig(output_dir="x", refusal_credit="last")
+    with pytest.raises(GRPOConfigError, match="negative_advantage_scale"):
+        GRPOJobConfig(output_dir="x", negative_advantage_scale=1.5)
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")

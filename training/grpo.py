@@ -169,7 +169,7 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         t_rollouts = time.perf_counter() - t0
         _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
         sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
-                                               config.refusal_credit)
+                                               config.refusal_credit, config.negative_advantage_scale)
         update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
                                progress=progress)
         if local is not None and "grad_norm" in update:

@@ -51,6 +51,8 @@ class GRPOJobConfig:
             run below its group's mean up to its first refused turn and a run above it on its accepted
             turns only, so the copies of a malformed call that follow a bad turn are context, not loss
             (`training.grpo_loss`).
+        negative_advantage_scale: Factor in [0, 1] on negative advantages (ours): 1 is DESIGN §6's update,
+            0 trains only on the runs above their group's mean (`training.grpo_loss`).
         trainable_layers: Train only the top N decoder layers and the final norm (None: all).
         lora_r / lora_alpha / lora_target_modules: With `lora_r`, train rank-r LoRA adapters (peft) on
             those linear layers of the top `trainable_layers` layers instead of their weights; `final/`
@@ -82,6 +84,7 @@ class GRPOJobConfig:
     scale_rewards: str = "group"
     rejected_turn_advantage: float = 0.0
     refusal_credit: str = "run"
+    negative_advantage_scale: float = 1.0
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     temperature: float = 1.0
@@ -127,6 +130,8 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"rejected_turn_advantage must be >= 0 (a push down on refused turns), not {self.rejected_turn_advantage}")
         if self.refusal_credit not in ("run", "first"):
             raise GRPOConfigError(f"refusal_credit must be run or first, not {self.refusal_credit!r}")
+        if not 0.0 <= self.negative_advantage_scale <= 1.0:
+            raise GRPOConfigError(f"negative_advantage_scale must be in [0, 1], not {self.negative_advantage_scale}")
         if self.lora_r is not None and self.lora_r < 1:
             raise GRPOConfigError(f"lora_r must be a positive rank or unset, not {self.lora_r}")
         if self.lora_r and self.rollout_backend == "openai":
