@@ -18,7 +18,7 @@ from training import grpo_rollouts
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_loss import (build_sequences, frozen_trunk_layers, group_advantages, per_token_loss,
                                 policy_and_reference_logprobs, rollout_sequences)
-from training.grpo_rewards import score_rollout
+from training.grpo_rewards import RewardBreakdown, score_rollout
 from training.grpo_rollouts import Turn, run_groups
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -56,6 +56,13 @@ def trained_tensors(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def reward_of(total: float) -> RewardBreakdown:
+    """A successful run's reward breakdown with only its total set (what the advantage code reads)."""
+    return RewardBreakdown(total=total, task=0, reflection=0, behaviour=0, score=0, mask_iou=None, valid_turns=1,
+                           protocol=True, masked_by_policy=True, over_budget=0, repeated_calls=0, image_gens=1,
+                           status="success")
 
 
 def tiny_llama(layers: int = 4):
@@ -129,11 +136,10 @@ def test_advantages_are_group_relative_and_flat_groups_are_dropped():
 
 
 def test_batch_and_unscaled_advantages_do_not_blow_up_a_group_with_a_tiny_spread():
-    from training.grpo_rewards import RewardBreakdown
     from training.grpo_rollouts import Rollout
 
     def group(*totals):
-        return [Rollout(task=None, group=0, member=i, seed=i, reward=RewardBreakdown(t, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'), turns=[Turn([1, 2], [3], [-0.5])])
+        return [Rollout(task=None, group=0, member=i, seed=i, reward=reward_of(t), turns=[Turn([1, 2], [3], [-0.5])])
                 for i, t in enumerate(totals)]
 
     groups = [group(1.5, 1.5, 1.5, 1.48), group(1.5, 0.2, 1.5, 1.5)]  # QE rounding vs a real failure
@@ -150,13 +156,12 @@ def test_batch_and_unscaled_advantages_do_not_blow_up_a_group_with_a_tiny_spread
 def test_refused_turns_get_their_own_push_down_and_keep_a_flat_group():
     import torch
 
-    from training.grpo_rewards import RewardBreakdown
     from training.grpo_rollouts import Rollout
 
     def rollout(total, accepted):
         turns = [Turn([1, 2], [3, 4], [-0.5, -0.5], accepted[0]), Turn([1, 2, 3, 4, 9], [5], [-0.7], accepted[1])]
         return Rollout(task=None, group=0, member=0, seed=0, turns=turns,
-                       reward=RewardBreakdown(total, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+                       reward=reward_of(total))
 
     good, bad = rollout(1.5, (True, True)), rollout(0.5, (True, False))
     plain = rollout_sequences([[good, bad]], "none")[0]
@@ -177,7 +182,6 @@ def test_refused_turns_get_their_own_push_down_and_keep_a_flat_group():
 
 
 def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_never_pushes_a_refusal_up():
-    from training.grpo_rewards import RewardBreakdown
     from training.grpo_rollouts import Rollout
 
     def rollout(total, accepted):
@@ -187,7 +191,7 @@ def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_ne
             turns.append(Turn(list(prompt), [3 + i], [-0.1 * (i + 1)], ok))
             prompt = prompt + [3 + i, 9]
         return Rollout(task=None, group=0, member=0, seed=0, turns=turns,
-                       reward=RewardBreakdown(total, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+                       reward=reward_of(total))
 
     failed = rollout(0.2, (True, False, False, True))    # a bad turn, a copy of it, then a valid turn
     recovered = rollout(1.3, (True, False, True, True))  # above the group's mean despite one refusal
@@ -209,12 +213,11 @@ def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_ne
 
 
 def test_negative_advantage_scale_shrinks_only_the_runs_below_their_group_and_zero_drops_them():
-    from training.grpo_rewards import RewardBreakdown
     from training.grpo_rollouts import Rollout
 
     def group(*totals):
         return [Rollout(task=None, group=0, member=i, seed=i, turns=[Turn([1, 2], [3 + i], [-0.5])],
-                        reward=RewardBreakdown(t, 0, 0, 0, 0, None, 1, True, True, 0, 1, 'success'))
+                        reward=reward_of(t))
                 for i, t in enumerate(totals)]
 
     groups = [group(1.5, 0.3, 1.2), group(1.0, 1.0)]  # mean 1.0: +0.5, -0.7, +0.2; the flat group is dropped

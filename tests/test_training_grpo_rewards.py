@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from training.grpo_rewards import RewardWeights, reflection_reward, score_rollout, task_reward
@@ -99,6 +100,23 @@ def test_calls_over_budget_are_penalised():
     assert score(over).over_budget == 1 and score(exhausted).over_budget == 1 and score(within).over_budget == 0
     assert score(over).behaviour < score(within).behaviour
     assert score(exhausted).total < score(within).total
+
+
+def test_repeating_a_call_that_answers_the_same_thing_is_penalised_and_a_qe_loop_scores_below_a_success():
+    steps = [("prompt_gen", {}, "I"), ("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 2>"),
+             ("quality_eval", {"image": 2}, "Image 2: PASS")]
+    loop = run(steps + [("quality_eval", {"image": 2}, "Image 2: PASS")] * 7, {"2": PASS}, final=None,
+               status="budget_exhausted", mask_by="finalize")  # session 8's pool-7 policy, turn for turn
+    retry_same_image = run(steps + [("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 3>"),
+                                    ("quality_eval", {"image": 3}, "Image 3: PASS"), ("mask_gen", {"image": 3}, "M")],
+                           {"2": PASS, "3": PASS})
+    assert score(loop).repeated_calls == 7 and score(expert()).repeated_calls == 0
+    assert score(retry_same_image).repeated_calls == 0  # image_gen samples anew; new images are new arguments
+    assert score(loop).valid_turns == 1.0 and score(loop).protocol  # what let the loop through before
+    assert score(loop).total < score(expert()).total - 0.5
+    no_penalty = RewardWeights(task=1.0, reflection=1.0, behaviour=0.5, over_budget_penalty=0.1, repeated_call_penalty=0.0)
+    lenient = score_rollout(*loop, max_steps=10, max_image_gens=3, weights=no_penalty)
+    assert lenient.total - score(loop).total == pytest.approx(0.5 * 0.1 * 7)
 
 
 def test_a_run_of_malformed_outputs_is_scored_low_without_raising():

@@ -104,6 +104,7 @@ class GRPOJobConfig:
     reward_behaviour: float = 0.5
     mask_iou_weight: float = 0.0
     over_budget_penalty: float = 0.1
+    repeated_call_penalty: float = 0.1
     # Runtime
     trainable_layers: int | None = 4
     lora_r: int | None = None
@@ -158,7 +159,8 @@ class GRPOJobConfig:
     @property
     def weights(self) -> RewardWeights:
         return RewardWeights(task=self.reward_task, reflection=self.reward_reflection, behaviour=self.reward_behaviour,
-                             mask_iou_weight=self.mask_iou_weight, over_budget_penalty=self.over_budget_penalty)
+                             mask_iou_weight=self.mask_iou_weight, over_budget_penalty=self.over_budget_penalty,
+                             repeated_call_penalty=self.repeated_call_penalty)
 
     def graph_overrides(self) -> dict[str, Any]:
         """The `configurable` of every rollout: the graph settings plus the policy backend, sampling at `temperature`."""

@@ -10,7 +10,12 @@
 * behaviour: the mean of three checks, each in [0, 1] - the share of valid turns (one validating call, or
   a final answer after mask_gen), protocol order (`evals.policy_eval.follows_protocol`: PG first, KR only
   after a failed QE, MG last and only after a pass) and whether the policy masked its own image - minus
-  `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one).
+  `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one)
+  and `repeated_call_penalty` per repeated call: a quality_eval, mask_gen or knowledge_retrieval that ran
+  with the same arguments as one that already ran. Those tools answer the same thing twice, so a repeat
+  only spends a step. Why: without it a policy trained on pool 7 (session 8) learned to call quality_eval
+  on its passed image until the steps ran out, never masking; every turn was valid and in protocol order,
+  the finalize step made the mask, and that loop scored 1.28, above the SFT policy's 1.215 mean.
 
 Why the eval's measures: a reward that disagreed with `anomaly-agent eval policy` would train the policy
 towards a different target than the one it is judged on. Every function here is pure over the run's
@@ -19,12 +24,14 @@ output and trajectory record, so a malformed run (no calls, garbage text) gets l
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from langchain_core.messages import ToolMessage
 
 BUDGET_REFUSAL = "budget is used up"
+DETERMINISTIC_TOOLS = ("quality_eval", "mask_gen", "knowledge_retrieval")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class RewardWeights:
     behaviour: float = 0.5
     mask_iou_weight: float = 0.0
     over_budget_penalty: float = 0.1
+    repeated_call_penalty: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class RewardBreakdown:
     protocol: bool
     masked_by_policy: bool
     over_budget: int
+    repeated_calls: int
     image_gens: int
     status: str
 
@@ -80,6 +89,21 @@ def over_budget_calls(messages: list[Any], status: str) -> int:
     return refused + (status == "budget_exhausted")
 
 
+def repeated_calls(messages: list[Any]) -> int:
+    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one."""
+    from evals.policy_eval import executed_calls
+
+    seen: set[str] = set()
+    repeats = 0
+    for call in executed_calls(messages):
+        if call.name not in DETERMINISTIC_TOOLS:
+            continue
+        key = call.name + json.dumps(call.args, sort_keys=True)
+        repeats += key in seen
+        seen.add(key)
+    return repeats
+
+
 def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,
                   weights: RewardWeights) -> RewardBreakdown:
     """The reward of one finished run from the graph's output and its trajectory record (see module doc)."""
@@ -92,11 +116,12 @@ def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: 
     reflection = reflection_reward(evaluations)
     valid_share = metrics.valid_turns / metrics.turns if metrics.turns else 0.0
     over = over_budget_calls(output.get("messages") or [], metrics.status)
+    repeats = repeated_calls(output.get("messages") or [])
     behaviour = (valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
-    behaviour -= weights.over_budget_penalty * over
+    behaviour -= weights.over_budget_penalty * over + weights.repeated_call_penalty * repeats
     total = weights.task * task + weights.reflection * reflection + weights.behaviour * behaviour
     return RewardBreakdown(
         total=total, task=task, reflection=reflection, behaviour=behaviour, score=metrics.score, mask_iou=iou,
         valid_turns=valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
-        over_budget=over, image_gens=int(result.get("image_gens") or 0), status=metrics.status,
+        over_budget=over, repeated_calls=repeats, image_gens=int(result.get("image_gens") or 0), status=metrics.status,
     )
