@@ -358,12 +358,13 @@ def test_lora_step_trains_adapters_only_and_saves_a_merged_plain_model(tiny, tmp
     shutil.copytree(tiny, tiny_copy)
     start = trained_tensors(tiny_copy)
     config_file = tmp_path / "grpo.yaml"
-    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0}
+    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0, "guard_probes_per_tool": 1}
     config_file.write_text(yaml.safe_dump(fields))
     assert main(["train", "grpo", "--config", str(config_file)]) == 0
     out = Path(fields["output_dir"])
     row = json.loads((out / "rewards.jsonl").read_text().splitlines()[0])
     assert row["tokens"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    assert row["probes_added"] == 0 and "guard_scale" not in row  # no successful run to take a probe from
     summary = json.loads((out / "grpo_summary.json").read_text())
     assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"] / 20  # adapters only
     saved = (out / "checkpoint" / "trained.safetensors")

@@ -5,7 +5,9 @@ One step, nanoGPT-style in one loop:
    at `temperature` (`training.grpo_rollouts`), each scored by the three rewards (`training.grpo_rewards`);
 2. update: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
    frozen copy of the starting policy on the policy's tokens only (`training.grpo_loss`), gradients
-   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW;
+   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW; with
+   `guard_probes_per_tool` > 0 the step is then line-searched against probes from successful training
+   rollouts (`training.grpo_guard`) and halved or undone when it breaks a call the protocol forces;
 3. log a row to ``rewards.jsonl`` (reward mean/std, each component, loss, KL, clip fraction, seconds) and
    redraw ``reward_curve.png``; every `save_steps` save ``checkpoint/`` (trained tensors, optimizer, state),
    which ``--resume`` continues from; with the openai backend, sync the weights to the server.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
+from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
 from training.grpo_rollouts import paired_difference, reward_summary, run_groups
 
@@ -68,6 +71,16 @@ def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
         local.enable_batching(config.batch_generation)
         return local.model, local
     return copy.deepcopy(local.model), None  # the server generates; this copy only trains
+
+
+def guard_model(config: GRPOJobConfig, model: Any, local: Any | None) -> Any:
+    """The LocalModel the update guard decodes its probes with: the rollouts' own, or one around the trained copy."""
+    if local is not None:
+        return local
+    from graph.policies.local_model import LocalModel, load_local_model
+
+    loaded = load_local_model(config.model)
+    return LocalModel(loaded.path, loaded.tokenizer, model)
 
 
 def trained_parameters(model: Any) -> dict[str, Any]:
@@ -144,6 +157,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=trl_args.learning_rate,
                                   weight_decay=trl_args.weight_decay)
     train_tasks, heldout = make_task_sets(config, out / "tasks")
+    guard = UpdateGuard(guard_model(config, model, local), config.guard_probes_per_tool, config.guard_backtracks,
+                        config.max_completion_length)
     state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(out / CHECKPOINT, model, optimizer)
@@ -170,8 +185,13 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
         sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
                                                config.refusal_credit, config.negative_advantage_scale)
+        probes_added = guard.add_probes(groups)
+        steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
+        before_update = guard.snapshot(model, optimizer) if steps_optimizer else None
         update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
                                progress=progress)
+        if guard.enabled:
+            update.update(guard.check(model, optimizer, before_update), probes_added=probes_added)
         if local is not None and "grad_norm" in update:
             local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
         summary = reward_summary(groups)

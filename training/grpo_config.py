@@ -105,6 +105,9 @@ class GRPOJobConfig:
     mask_iou_weight: float = 0.0
     over_budget_penalty: float = 0.1
     repeated_call_penalty: float = 0.1
+    # Update guard (training.grpo_guard): probes per forced call (0: off), halvings before an update is undone
+    guard_probes_per_tool: int = 0
+    guard_backtracks: int = 2
     # Runtime
     trainable_layers: int | None = 4
     lora_r: int | None = None
@@ -137,6 +140,8 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"lora_r must be a positive rank or unset, not {self.lora_r}")
         if self.lora_r and self.rollout_backend == "openai":
             raise GRPOConfigError("lora_r needs rollout_backend local: the openai weight sync sends full tensors, not adapters")
+        if self.guard_probes_per_tool < 0 or self.guard_backtracks < 0:
+            raise GRPOConfigError("guard_probes_per_tool and guard_backtracks must be >= 0")
         if self.num_generations < 2:
             raise GRPOConfigError("num_generations must be at least 2: advantages are relative to the group")
         from graph.configuration import Configuration

@@ -1,0 +1,141 @@
+"""The GRPO update guard on a real tiny model whose greedy reply is known: probes from successful runs, the
+line search that halves an update that breaks a forced call, and the undo of one that breaks it at every size."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_llm import build_tiny_llm
+
+from training.grpo_guard import Probe, UpdateGuard, called_tool, candidate_probes, probe_passes
+from training.grpo_rewards import RewardBreakdown
+from training.grpo_rollouts import Rollout, Turn
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT_GEN_CALL = '<tool_call>\n{"name": "prompt_gen", "arguments": {}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def writes_prompt_gen(tmp_path_factory):
+    """A LocalModel whose greedy reply to any conversation is exactly `PROMPT_GEN_CALL`."""
+    from graph.policies.local_model import LocalModel, load_local_model
+
+    folder = build_tiny_llm(tmp_path_factory.mktemp("guard") / "model", fixed_reply=PROMPT_GEN_CALL)
+    loaded = load_local_model(folder)
+    return LocalModel(loaded.path, loaded.tokenizer, loaded.model)  # its own object: tests change its weights
+
+
+def state_prompt(local, text: str) -> tuple[int, ...]:
+    return tuple(local.render([{"role": "user", "content": text}], None))
+
+
+def breakdown(status: str, protocol: bool = True) -> RewardBreakdown:
+    return RewardBreakdown(total=1.0, task=1, reflection=0, behaviour=1, score=10, mask_iou=None, valid_turns=1,
+                           protocol=protocol, masked_by_policy=True, over_budget=0, repeated_calls=0, image_gens=1,
+                           status=status)
+
+
+def call(name: str, arguments: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+def test_called_tool_names_only_a_single_call_that_validates():
+    assert called_tool("First, an instruction.\n" + PROMPT_GEN_CALL) == "prompt_gen"
+    assert called_tool(call("quality_eval", '{"image": 2}')) == "quality_eval"
+    assert called_tool(call("quality_eval", '{"image": "two"}')) is None  # does not validate
+    assert called_tool(call("mask_gen", '{"image": 2') ) is None  # malformed JSON
+    assert called_tool(PROMPT_GEN_CALL + PROMPT_GEN_CALL) is None  # two calls
+    assert called_tool("Done: image 2 and its mask.") is None
+
+
+def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_prompt_gen):
+    local = writes_prompt_gen
+    ids = local.tokenizer.encode
+
+    def turn(n: int, text: str, accepted: bool = True) -> Turn:
+        return Turn(list(state_prompt(local, f"state {n}")), ids(text), None, accepted)
+
+    success = [turn(0, PROMPT_GEN_CALL), turn(1, call("image_gen", '{"prompt": "a crack"}')),
+               turn(2, call("mask_gen", '{"image": 2}'), accepted=False),  # refused: skipped
+               turn(3, call("quality_eval", '{"image": 2}')),
+               turn(4, call("knowledge_retrieval", '{"query": "crack"}')),  # after a failed QE: a free choice
+               turn(5, call("image_gen", '{"prompt": "a deeper crack"}')),  # after KR: a free choice too
+               turn(6, call("quality_eval", '{"image": 3}')), turn(7, call("mask_gen", '{"image": 3}')),
+               turn(8, "Image 3 and its mask.")]
+    task = object()
+    groups = [[Rollout(task, 0, 0, 1, breakdown("success"), success),
+               Rollout(task, 0, 1, 2, breakdown("budget_exhausted"), success),
+               Rollout(task, 0, 2, 3, breakdown("success", protocol=False), success)]]
+    probes = candidate_probes(groups, local.tokenizer)
+    assert [(p.prompt_ids, p.tool) for p in probes] == [
+        (state_prompt(local, "state 0"), "prompt_gen"), (state_prompt(local, "state 1"), "image_gen"),
+        (state_prompt(local, "state 3"), "quality_eval"), (state_prompt(local, "state 6"), "quality_eval"),
+        (state_prompt(local, "state 7"), "mask_gen")]
+
+    guard = UpdateGuard(local, per_tool=1, backtracks=2, max_new_tokens=40)
+    assert guard.add_probes(groups) == 1  # one per forced call, kept only where the model passes today
+    assert guard.probes == [probes[0]]
+    assert guard.add_probes(groups) == 0  # already there
+
+
+def reply_margin(local, prompt: tuple[int, ...]):
+    """(the final hidden state at the prompt's end, the reply token's logit lead over the runner-up)."""
+    import torch
+
+    with torch.no_grad():
+        out = local.model(input_ids=torch.tensor([list(prompt)]), output_hidden_states=True)
+    top = out.logits[0, -1].topk(2).values
+    return out.hidden_states[-1][0, -1], float(top[0] - top[1])
+
+
+def test_an_update_that_breaks_a_forced_call_is_halved_until_it_holds_or_undone(writes_prompt_gen):
+    import torch
+
+    local = writes_prompt_gen
+    model = local.model
+    for parameter in model.parameters():
+        parameter.requires_grad = parameter is model.lm_head.weight
+    optimizer = torch.optim.AdamW([model.lm_head.weight], lr=1e-3)
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+    optimizer.step()  # the optimizer has state to restore
+    guard = UpdateGuard(local, per_tool=1, backtracks=2, max_new_tokens=40)
+    probe = Probe(state_prompt(local, "a state"), "prompt_gen")
+    guard.probes = [probe]
+    assert probe_passes(local, guard.probes, 40) == [True]
+    reply = local.tokenizer.convert_tokens_to_ids(PROMPT_GEN_CALL)
+    start = model.lm_head.weight.detach().clone()
+
+    def update(lead_lost: float):
+        """An 'update' lowering the reply's logit at the probe state by `lead_lost` times its lead."""
+        hidden, margin = reply_margin(local, probe.prompt_ids)
+        before = guard.snapshot(model, optimizer)
+        with torch.no_grad():
+            model.lm_head.weight[reply] -= lead_lost * margin * hidden / hidden.dot(hidden)
+            model.lm_head.weight[0] += 1e-3  # and something harmless elsewhere
+        optimizer.state[model.lm_head.weight]["exp_avg"].add_(1.0)
+        return guard.check(model, optimizer, before)
+
+    assert update(0.5) == {"guard_scale": 1.0, "guard_passed": 1, "guard_probes": 1}
+    kept = model.lm_head.weight.detach().clone()
+    assert not torch.equal(kept, start)
+
+    assert update(1.5) == {"guard_scale": 0.5, "guard_passed": 1, "guard_probes": 1}  # half of it keeps the call
+    assert torch.allclose(model.lm_head.weight[0], kept[0] + 0.5e-3)
+    assert probe_passes(local, guard.probes, 40) == [True]
+
+    halved = model.lm_head.weight.detach().clone()
+    moments = optimizer.state[model.lm_head.weight]["exp_avg"].clone()
+    assert update(20.0) == {"guard_scale": 0.0, "guard_passed": 0, "guard_probes": 1}  # broken even at 1/4
+    assert torch.equal(model.lm_head.weight, halved)
+    assert torch.equal(optimizer.state[model.lm_head.weight]["exp_avg"], moments)
+    assert probe_passes(local, guard.probes, 40) == [True]
+
+
+def test_a_guard_that_is_off_or_has_no_probes_changes_nothing(writes_prompt_gen):
+    import torch
+
+    guard = UpdateGuard(writes_prompt_gen, per_tool=0, backtracks=2, max_new_tokens=40)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert not guard.enabled and guard.add_probes([]) == 0
+    assert guard.snapshot(writes_prompt_gen.model, optimizer) is None
+    assert guard.check(writes_prompt_gen.model, optimizer, None) == {}
