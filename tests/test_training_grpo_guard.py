@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tiny_llm import build_tiny_llm
 
-from training.grpo_guard import Probe, UpdateGuard, called_tool, candidate_probes, probe_passes
+from training.grpo_guard import Probe, UpdateGuard, call_positions, called_tool, candidate_probes, probe_passes
 from training.grpo_rewards import RewardBreakdown
 from training.grpo_rollouts import Rollout, Turn
 
@@ -17,7 +17,7 @@ PROMPT_GEN_CALL = '<tool_call>\n{"name": "prompt_gen", "arguments": {}}\n</tool_
 
 @pytest.fixture(scope="module")
 def writes_prompt_gen(tmp_path_factory):
-    """A LocalModel whose greedy reply to any conversation is exactly `PROMPT_GEN_CALL`."""
+    """A LocalModel whose greedy reply to any conversation is exactly `PROMPT_GEN_CALL` (one token), then the end."""
     from graph.policies.local_model import LocalModel, load_local_model
 
     folder = build_tiny_llm(tmp_path_factory.mktemp("guard") / "model", fixed_reply=PROMPT_GEN_CALL)
@@ -25,8 +25,8 @@ def writes_prompt_gen(tmp_path_factory):
     return LocalModel(loaded.path, loaded.tokenizer, loaded.model)  # its own object: tests change its weights
 
 
-def state_prompt(local, text: str) -> tuple[int, ...]:
-    return tuple(local.render([{"role": "user", "content": text}], None))
+def state_prompt(local, text: str) -> list[int]:
+    return local.render([{"role": "user", "content": text}], None)
 
 
 def breakdown(status: str, protocol: bool = True) -> RewardBreakdown:
@@ -43,9 +43,20 @@ def test_called_tool_names_only_a_single_call_that_validates():
     assert called_tool("First, an instruction.\n" + PROMPT_GEN_CALL) == "prompt_gen"
     assert called_tool(call("quality_eval", '{"image": 2}')) == "quality_eval"
     assert called_tool(call("quality_eval", '{"image": "two"}')) is None  # does not validate
-    assert called_tool(call("mask_gen", '{"image": 2') ) is None  # malformed JSON
+    assert called_tool(call("mask_gen", '{"image": 2')) is None  # malformed JSON
     assert called_tool(PROMPT_GEN_CALL + PROMPT_GEN_CALL) is None  # two calls
     assert called_tool("Done: image 2 and its mask.") is None
+
+
+def test_the_checked_tokens_are_the_call_and_for_image_gen_stop_before_its_free_text(writes_prompt_gen):
+    tokenizer = writes_prompt_gen.tokenizer
+    end = tokenizer.eos_token
+    qe = tokenizer.encode("Check image 2.\n" + call("quality_eval", '{"image": 2}') + end)
+    checked = call_positions(tokenizer, 100, qe, "quality_eval")
+    assert tokenizer.decode([qe[i - 100] for i in checked]) == call("quality_eval", '{"image": 2}') + end
+    ig = tokenizer.encode("Apply it.\n" + call("image_gen", '{"prompt": "a thin crack"}') + end)
+    checked = call_positions(tokenizer, 0, ig, "image_gen")
+    assert tokenizer.decode([ig[i] for i in checked]) == '<tool_call>\n{"name": "image_gen", "arguments": {"prompt": "'
 
 
 def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_prompt_gen):
@@ -53,7 +64,7 @@ def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_pro
     ids = local.tokenizer.encode
 
     def turn(n: int, text: str, accepted: bool = True) -> Turn:
-        return Turn(list(state_prompt(local, f"state {n}")), ids(text), None, accepted)
+        return Turn(state_prompt(local, f"state {n}"), ids(text), None, accepted)
 
     success = [turn(0, PROMPT_GEN_CALL), turn(1, call("image_gen", '{"prompt": "a crack"}')),
                turn(2, call("mask_gen", '{"image": 2}'), accepted=False),  # refused: skipped
@@ -67,23 +78,24 @@ def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_pro
                Rollout(task, 0, 1, 2, breakdown("budget_exhausted"), success),
                Rollout(task, 0, 2, 3, breakdown("success", protocol=False), success)]]
     probes = candidate_probes(groups, local.tokenizer)
-    assert [(p.prompt_ids, p.tool) for p in probes] == [
-        (state_prompt(local, "state 0"), "prompt_gen"), (state_prompt(local, "state 1"), "image_gen"),
-        (state_prompt(local, "state 3"), "quality_eval"), (state_prompt(local, "state 6"), "quality_eval"),
-        (state_prompt(local, "state 7"), "mask_gen")]
+    assert [(p.ids, p.tool) for p in probes] == [
+        ((*success[n].prompt_ids, *success[n].token_ids), tool)
+        for n, tool in ((0, "prompt_gen"), (1, "image_gen"), (3, "quality_eval"), (6, "quality_eval"), (7, "mask_gen"))]
 
-    guard = UpdateGuard(local, per_tool=1, backtracks=2, max_new_tokens=40)
-    assert guard.add_probes(groups) == 1  # one per forced call, kept only where the model passes today
+    guard = UpdateGuard(local.model, local.tokenizer, per_tool=1, backtracks=2)
+    # One candidate per forced call, kept only where the model's greedy choice is the run's call today: this
+    # model writes its one reply token after any prompt, so only the prompt_gen turn (that token) passes.
+    assert guard.add_probes(groups) == 1
     assert guard.probes == [probes[0]]
-    assert guard.add_probes(groups) == 0  # already there
+    assert guard.add_probes(groups) == 0  # already there; the others still fail
 
 
-def reply_margin(local, prompt: tuple[int, ...]):
+def reply_margin(local, prompt: list[int]):
     """(the final hidden state at the prompt's end, the reply token's logit lead over the runner-up)."""
     import torch
 
     with torch.no_grad():
-        out = local.model(input_ids=torch.tensor([list(prompt)]), output_hidden_states=True)
+        out = local.model(input_ids=torch.tensor([prompt]), output_hidden_states=True)
     top = out.logits[0, -1].topk(2).values
     return out.hidden_states[-1][0, -1], float(top[0] - top[1])
 
@@ -98,22 +110,23 @@ def test_an_update_that_breaks_a_forced_call_is_halved_until_it_holds_or_undone(
     optimizer = torch.optim.AdamW([model.lm_head.weight], lr=1e-3)
     model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
     optimizer.step()  # the optimizer has state to restore
-    guard = UpdateGuard(local, per_tool=1, backtracks=2, max_new_tokens=40)
-    probe = Probe(state_prompt(local, "a state"), "prompt_gen")
-    guard.probes = [probe]
-    assert probe_passes(local, guard.probes, 40) == [True]
+    guard = UpdateGuard(model, local.tokenizer, per_tool=1, backtracks=2)
     reply = local.tokenizer.convert_tokens_to_ids(PROMPT_GEN_CALL)
+    prompt = state_prompt(local, "a state")
+    probe = Probe((*prompt, reply, local.tokenizer.eos_token_id), (len(prompt), len(prompt) + 1), "prompt_gen")
+    guard.probes = [probe]
+    assert probe_passes(model, guard.probes) == [True]
     start = model.lm_head.weight.detach().clone()
 
     def update(lead_lost: float):
         """An 'update' lowering the reply's logit at the probe state by `lead_lost` times its lead."""
-        hidden, margin = reply_margin(local, probe.prompt_ids)
-        before = guard.snapshot(model, optimizer)
+        hidden, margin = reply_margin(local, prompt)
+        before = guard.snapshot(optimizer)
         with torch.no_grad():
             model.lm_head.weight[reply] -= lead_lost * margin * hidden / hidden.dot(hidden)
             model.lm_head.weight[0] += 1e-3  # and something harmless elsewhere
         optimizer.state[model.lm_head.weight]["exp_avg"].add_(1.0)
-        return guard.check(model, optimizer, before)
+        return guard.check(optimizer, before)
 
     assert update(0.5) == {"guard_scale": 1.0, "guard_passed": 1, "guard_probes": 1}
     kept = model.lm_head.weight.detach().clone()
@@ -121,21 +134,22 @@ def test_an_update_that_breaks_a_forced_call_is_halved_until_it_holds_or_undone(
 
     assert update(1.5) == {"guard_scale": 0.5, "guard_passed": 1, "guard_probes": 1}  # half of it keeps the call
     assert torch.allclose(model.lm_head.weight[0], kept[0] + 0.5e-3)
-    assert probe_passes(local, guard.probes, 40) == [True]
+    assert probe_passes(model, guard.probes) == [True]
 
     halved = model.lm_head.weight.detach().clone()
     moments = optimizer.state[model.lm_head.weight]["exp_avg"].clone()
     assert update(20.0) == {"guard_scale": 0.0, "guard_passed": 0, "guard_probes": 1}  # broken even at 1/4
     assert torch.equal(model.lm_head.weight, halved)
     assert torch.equal(optimizer.state[model.lm_head.weight]["exp_avg"], moments)
-    assert probe_passes(local, guard.probes, 40) == [True]
+    assert probe_passes(model, guard.probes) == [True]
+    assert local.generate([{"role": "user", "content": "a state"}], max_new_tokens=4).text == PROMPT_GEN_CALL
 
 
 def test_a_guard_that_is_off_or_has_no_probes_changes_nothing(writes_prompt_gen):
     import torch
 
-    guard = UpdateGuard(writes_prompt_gen, per_tool=0, backtracks=2, max_new_tokens=40)
+    guard = UpdateGuard(writes_prompt_gen.model, writes_prompt_gen.tokenizer, per_tool=0, backtracks=2)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     assert not guard.enabled and guard.add_probes([]) == 0
-    assert guard.snapshot(writes_prompt_gen.model, optimizer) is None
-    assert guard.check(writes_prompt_gen.model, optimizer, None) == {}
+    assert guard.snapshot(optimizer) is None
+    assert guard.check(optimizer, None) == {}

@@ -73,16 +73,6 @@ def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
     return copy.deepcopy(local.model), None  # the server generates; this copy only trains
 
 
-def guard_model(config: GRPOJobConfig, model: Any, local: Any | None) -> Any:
-    """The LocalModel the update guard decodes its probes with: the rollouts' own, or one around the trained copy."""
-    if local is not None:
-        return local
-    from graph.policies.local_model import LocalModel, load_local_model
-
-    loaded = load_local_model(config.model)
-    return LocalModel(loaded.path, loaded.tokenizer, model)
-
-
 def trained_parameters(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -137,6 +127,7 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
 
     import torch
 
+    from graph.policies.local_model import load_local_model
     from training.grpo_sync import sync_weights
     from training.sft import count_parameters, freeze_for_training
 
@@ -157,8 +148,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=trl_args.learning_rate,
                                   weight_decay=trl_args.weight_decay)
     train_tasks, heldout = make_task_sets(config, out / "tasks")
-    guard = UpdateGuard(guard_model(config, model, local), config.guard_probes_per_tool, config.guard_backtracks,
-                        config.max_completion_length)
+    guard = UpdateGuard(model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
+                        config.guard_backtracks)
     state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(out / CHECKPOINT, model, optimizer)
@@ -187,11 +178,11 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
                                                config.refusal_credit, config.negative_advantage_scale)
         probes_added = guard.add_probes(groups)
         steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
-        before_update = guard.snapshot(model, optimizer) if steps_optimizer else None
+        before_update = guard.snapshot(optimizer) if steps_optimizer else None
         update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
                                progress=progress)
         if guard.enabled:
-            update.update(guard.check(model, optimizer, before_update), probes_added=probes_added)
+            update.update(guard.check(optimizer, before_update), probes_added=probes_added)
         if local is not None and "grad_norm" in update:
             local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
         summary = reward_summary(groups)

@@ -12,9 +12,16 @@ protocol, at the four steps where the protocol allows exactly one call (DESIGN Â
 
     start -> prompt_gen,  prompt_gen -> image_gen,  image_gen -> quality_eval,  a passed quality_eval -> mask_gen
 
-A probe passes when the policy, decoding greedily from that state, writes one call that validates and
-names the tool the successful run called there. Probes are kept only if they pass when added (states
-after a failed evaluation are left out: there KR, a new instruction and a new image are all allowed).
+A probe is the state's prompt with the turn the successful run wrote there. It passes when every token
+of that turn's call (from ``<tool_call>`` to the end of the turn; for image_gen up to its free-text
+prompt) is still the policy's greedy choice, teacher-forced: greedy decoding from that state, after the
+same thought, writes the same call. Probes are kept only if they pass when added. States after a failed
+evaluation are left out: there KR, a new instruction and a new image are all allowed.
+
+Why teacher-forced and not generated: a probe's prompt is 1-2.5k tokens, and decoding eight of them after
+every update took ~40 s of a ~150 s CPU step (measured, session 9). The layers below the trained ones do
+not change, so their output for each probe is computed once and kept; a check runs only the trained top
+layers over it.
 
 What it does: a backtracking line search on the update, as TRPO's on its KL bound. The update's
 parameter change d is tried at full size, then halved (`backtracks` times); the first size at which every
@@ -26,8 +33,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from graph.policies.chat import TOOL_CALL_OPEN
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +49,10 @@ FORCED_CALLS: frozenset[tuple[str | None, str]] = frozenset({
 
 @dataclass(frozen=True)
 class Probe:
-    """A state from a successful training rollout (its prompt ids) and the call the protocol forces there."""
+    """A state of a successful training rollout with the turn written there, and which of its tokens must stay greedy."""
 
-    prompt_ids: tuple[int, ...]
+    ids: tuple[int, ...]  # the state's prompt, then the turn
+    checked: tuple[int, ...]  # positions in `ids` of the turn's call tokens
     tool: str
 
 
@@ -56,6 +67,25 @@ def called_tool(text: str) -> str | None:
     call = message.tool_calls[0]
     checked = validate_call(call["name"], call.get("args"), call.get("id") or "probe")
     return checked.name if isinstance(checked, ValidCall) else None
+
+
+def call_positions(tokenizer: Any, prompt_length: int, token_ids: list[int], tool: str) -> tuple[int, ...]:
+    """The positions (after a prompt of `prompt_length` ids) of the turn's tokens that write its call.
+
+    From the token that starts ``<tool_call>`` (or the bare JSON object) to the end of the turn; for
+    image_gen only up to the opening quote of its ``prompt``, whose text is the policy's free choice.
+    """
+    text = tokenizer.decode(token_ids, skip_special_tokens=False)
+    ends = [len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False)) for i in range(len(token_ids))]
+    starts = [0, *ends[:-1]]
+    begin = text.find(TOOL_CALL_OPEN)
+    begin = text.find("{") if begin < 0 else begin
+    stop = len(text)
+    if tool == "image_gen":
+        free_text = re.search(r'"prompt"\s*:\s*"', text[begin:])
+        stop = begin + free_text.end() if free_text else begin
+    return tuple(prompt_length + i for i in range(len(token_ids))
+                 if ends[i] > begin and (ends[i] <= stop or starts[i] >= len(text)))
 
 
 def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
@@ -76,38 +106,61 @@ def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
                 if tool is None:
                     break  # the final answer: nothing is forced after it
                 if (previous, tool) in FORCED_CALLS:
-                    probes.append(Probe(tuple(turn.prompt_ids), tool))
+                    checked = call_positions(tokenizer, len(turn.prompt_ids), list(turn.token_ids), tool)
+                    if checked:
+                        probes.append(Probe((*turn.prompt_ids, *turn.token_ids), checked, tool))
                 previous = tool
     return probes
 
 
-def probe_passes(local: Any, probes: list[Probe], max_new_tokens: int) -> list[bool]:
-    """Greedy-decode every probe's state as one batch; whether each writes its forced call.
+def probe_passes(model: Any, probes: list[Probe], trunk_cache: dict[Probe, Any] | None = None) -> list[bool]:
+    """Whether each probe's call tokens are all still the model's greedy choice (teacher-forced).
 
-    The model's prefix caches are dropped first: they hold keys computed with the weights before the update.
+    `trunk_cache` keeps each probe's output of the frozen bottom layers (`frozen_trunk_layers`) across checks.
     """
-    from graph.policies.batched_generation import DecodeRequest
+    import torch
 
-    if not probes:
-        return []
-    local.enable_prefix_cache(local.prefix_cache_size)
-    replies = local.generate_batch([DecodeRequest(list(p.prompt_ids), max_new_tokens, 0.0) for p in probes])
-    return [called_tool(reply.text) == probe.tool for reply, probe in zip(replies, probes)]
+    from training.grpo_loss import frozen_trunk_layers, top_hidden, trunk_hidden
+
+    trunk = frozen_trunk_layers(model)
+    cache = trunk_cache if trunk_cache is not None and trunk else {}
+    passes = []
+    with torch.no_grad():
+        for probe in probes:
+            hidden = cache.get(probe)
+            if hidden is None:
+                hidden = trunk_hidden(model, list(probe.ids), trunk)
+                if trunk:
+                    cache[probe] = hidden
+            index = torch.tensor(probe.checked, dtype=torch.long)
+            logits = model.get_output_embeddings()(top_hidden(model, hidden, trunk)[index - 1])
+            passes.append(bool((logits.argmax(-1) == torch.tensor(probe.ids)[index]).all()))
+    return passes
 
 
 class UpdateGuard:
     """Collects probes from successful training rollouts and line-searches each update against them (module doc)."""
 
-    def __init__(self, local: Any, per_tool: int, backtracks: int, max_new_tokens: int) -> None:
-        self.local = local
+    def __init__(self, model: Any, tokenizer: Any, per_tool: int, backtracks: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
         self.per_tool = per_tool
         self.backtracks = backtracks
-        self.max_new_tokens = max_new_tokens
         self.probes: list[Probe] = []
+        self._trunk_cache: dict[Probe, Any] = {}
 
     @property
     def enabled(self) -> bool:
         return self.per_tool > 0
+
+    def passes(self, probes: list[Probe]) -> list[bool]:
+        """`probe_passes` on the guarded model in eval mode, keeping the frozen layers' output of each probe."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            return probe_passes(self.model, probes, self._trunk_cache)
+        finally:
+            self.model.train(training)
 
     def add_probes(self, groups: list[list[Any]]) -> int:
         """Add up to `per_tool` probes per forced call from this step's rollouts (before its update); returns how many.
@@ -119,22 +172,25 @@ class UpdateGuard:
         have = {tool: sum(p.tool == tool for p in self.probes) for _, tool in FORCED_CALLS}
         known = set(self.probes)
         wanted: list[Probe] = []
-        for probe in candidate_probes(groups, self.local.tokenizer):
+        for probe in candidate_probes(groups, self.tokenizer):
             if probe not in known and have[probe.tool] < self.per_tool:
                 wanted.append(probe)
                 known.add(probe)
                 have[probe.tool] += 1
-        kept = [p for p, ok in zip(wanted, probe_passes(self.local, wanted, self.max_new_tokens)) if ok]
-        self.probes.extend(kept)
-        return len(kept)
+        passing = self.passes(wanted)
+        self.probes.extend(p for p, ok in zip(wanted, passing) if ok)
+        for probe, ok in zip(wanted, passing):
+            if not ok:
+                self._trunk_cache.pop(probe, None)
+        return sum(passing)
 
-    def snapshot(self, model: Any, optimizer: Any) -> tuple[list[Any], dict[str, Any]] | None:
+    def snapshot(self, optimizer: Any) -> tuple[list[Any], dict[str, Any]] | None:
         """The trained tensors and the optimizer state before an update (None when there is nothing to guard)."""
         if not self.enabled or not self.probes:
             return None
-        return [p.detach().clone() for p in _trained(model)], copy.deepcopy(optimizer.state_dict())
+        return [p.detach().clone() for p in _trained(self.model)], copy.deepcopy(optimizer.state_dict())
 
-    def check(self, model: Any, optimizer: Any, before: tuple[list[Any], dict[str, Any]] | None) -> dict[str, Any]:
+    def check(self, optimizer: Any, before: tuple[list[Any], dict[str, Any]] | None) -> dict[str, Any]:
         """Keep the largest fraction of the update (1, 1/2, ...) that every probe passes, or undo it.
 
         Returns the log fields: ``guard_scale`` (the fraction kept; 0 = undone), ``guard_passed`` (probes
@@ -145,7 +201,7 @@ class UpdateGuard:
         if before is None:
             return {}
         old, optimizer_state = before
-        trained = _trained(model)
+        trained = _trained(self.model)
         new = [p.detach().clone() for p in trained]
         passed: list[bool] = []
         for halving in range(self.backtracks + 1):
@@ -153,7 +209,7 @@ class UpdateGuard:
             with torch.no_grad():
                 for parameter, start, end in zip(trained, old, new):
                     parameter.copy_(start + scale * (end - start))
-            passed = probe_passes(self.local, self.probes, self.max_new_tokens)
+            passed = self.passes(self.probes)
             if all(passed):
                 return {"guard_scale": scale, "guard_passed": sum(passed), "guard_probes": len(passed)}
         with torch.no_grad():

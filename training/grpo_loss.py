@@ -248,22 +248,28 @@ def policy_and_reference_logprobs(model: Any, ref: Any | None, ids: list[int], p
             with torch.no_grad():
                 ref_logp = token_logprobs(ref, ids, positions)
         return token_logprobs(model, ids, positions), ref_logp
-    backbone = getattr(model, model.base_model_prefix)
-    layers = list(backbone.layers)
-    with torch.no_grad(), _running_only(backbone, layers[:trunk], final_norm=False):
-        hidden = backbone(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).last_hidden_state
-
-    def top(owner: Any) -> Any:
-        owner_backbone = getattr(owner, owner.base_model_prefix)
-        with _running_only(owner_backbone, list(owner_backbone.layers)[trunk:], final_norm=True):
-            return _head_logprobs(owner, owner_backbone(inputs_embeds=hidden, use_cache=False).last_hidden_state[0],
-                                  ids, positions)
-
+    hidden = trunk_hidden(model, ids, trunk)
     ref_logp = None
     if ref is not None:
         with torch.no_grad():
-            ref_logp = top(ref)
-    return top(model), ref_logp
+            ref_logp = _head_logprobs(ref, top_hidden(ref, hidden, trunk), ids, positions)
+    return _head_logprobs(model, top_hidden(model, hidden, trunk), ids, positions), ref_logp
+
+
+def trunk_hidden(model: Any, ids: list[int], trunk: int) -> Any:
+    """The output of the bottom `trunk` (frozen) layers for `ids`, without grad: (1, len(ids), hidden)."""
+    import torch
+
+    backbone = getattr(model, model.base_model_prefix)
+    with torch.no_grad(), _running_only(backbone, list(backbone.layers)[:trunk], final_norm=False):
+        return backbone(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).last_hidden_state
+
+
+def top_hidden(model: Any, hidden: Any, trunk: int) -> Any:
+    """The final hidden states (after the last norm) of the layers above `trunk`, run on `trunk_hidden`'s output."""
+    backbone = getattr(model, model.base_model_prefix)
+    with _running_only(backbone, list(backbone.layers)[trunk:], final_norm=True):
+        return backbone(inputs_embeds=hidden, use_cache=False).last_hidden_state[0]
 
 
 def k3_kl(logp: Any, ref_logp: Any) -> Any:
