@@ -343,9 +343,16 @@ def test_one_grpo_step_changes_the_weights_logs_a_finite_loss_and_resumes(tiny, 
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 1
 
+    for name, lines in (("rewards.jsonl", 1), ("rollouts.jsonl", 2)):  # as a run killed after logging step 2
+        logged = (out / name).read_text().splitlines()
+        interrupted = [json.dumps({**json.loads(line), "step": 2}) for line in logged[:lines]]
+        (out / name).write_text("\n".join(logged + interrupted) + "\n")
+    (out / "heldout_after.jsonl").write_text('{"total": 0.0}\n')
     assert main(["train", "grpo", "--config", str(config_file), "--resume", "--max-steps", "2"]) == 0
     rows = [json.loads(line) for line in (out / "rewards.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+    rollout_steps = [json.loads(line)["step"] for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert rollout_steps == [1, 1, 2, 2] and not (out / "heldout_after.jsonl").exists()  # no evaluation here
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
 
 
@@ -365,6 +372,7 @@ def test_lora_step_trains_adapters_only_and_saves_a_merged_plain_model(tiny, tmp
     row = json.loads((out / "rewards.jsonl").read_text().splitlines()[0])
     assert row["tokens"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert row["probes_added"] == 0 and "guard_scale" not in row  # no successful run to take a probe from
+    assert row["guard_seconds"] >= 0
     summary = json.loads((out / "grpo_summary.json").read_text())
     assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"] / 20  # adapters only
     saved = (out / "checkpoint" / "trained.safetensors")

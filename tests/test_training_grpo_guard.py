@@ -3,6 +3,8 @@ line search that halves an update that breaks a forced call, and the undo of one
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny_llm import build_tiny_llm
 
@@ -88,6 +90,11 @@ def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_pro
     assert guard.add_probes(groups) == 1
     assert guard.probes == [probes[0]]
     assert guard.add_probes(groups) == 0  # already there; the others still fail
+
+    resumed = UpdateGuard(local.model, local.tokenizer, per_tool=1, backtracks=2)
+    resumed.restore(json.loads(json.dumps(guard.probe_records())))  # through the checkpoint's JSON
+    assert resumed.probes == guard.probes and resumed.passes(resumed.probes) == [True]
+    assert resumed.add_probes(groups) == 0
 
 
 def reply_margin(local, prompt: list[int]):

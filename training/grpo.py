@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tools.imaging import write_text_atomic
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
@@ -153,6 +154,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(out / CHECKPOINT, model, optimizer)
+        guard.restore(state.pop("guard_probes", []))
+        trim_logs_to_checkpoint(out, state["step"], before_done=state["before"] is not None)
         logger.info("resumed at step %d from %s", state["step"], out / CHECKPOINT)
         if config.rollout_backend == "openai":
             sync_weights(config, model, out / "sync")
@@ -176,13 +179,17 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
         sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
                                                config.refusal_credit, config.negative_advantage_scale)
+        t_guard = time.perf_counter()
         probes_added = guard.add_probes(groups)
         steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
         before_update = guard.snapshot(optimizer) if steps_optimizer else None
+        t_guard = time.perf_counter() - t_guard
         update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
                                progress=progress)
         if guard.enabled:
+            t_check = time.perf_counter()
             update.update(guard.check(optimizer, before_update), probes_added=probes_added)
+            update["guard_seconds"] = round(t_guard + time.perf_counter() - t_check, 2)
         if local is not None and "grad_norm" in update:
             local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
         summary = reward_summary(groups)
@@ -200,7 +207,7 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
             sync_weights(config, model, out / "sync")
         limit_hit = not next_step_fits(state["train_seconds"], state["history"], config.time_limit_s)
         if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, state)
+            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()})
         if limit_hit:
             stopped_by_time = True
             logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; a step takes %.0f s on "
@@ -336,6 +343,23 @@ def _save_final(model: Any, config: GRPOJobConfig, folder: Path) -> None:
     AutoTokenizer.from_pretrained(resolve_model(config.model), local_files_only=True).save_pretrained(str(folder))
 
 
+def trim_logs_to_checkpoint(out: Path, step: int, *, before_done: bool) -> None:
+    """Drop what an interrupted run logged after its last checkpoint, so a resume neither duplicates nor mixes rows.
+
+    Why: steps are logged every step but checkpointed every `save_steps`; a run stopped between the two
+    left rows of steps that the resumed run does again. The held-out "after" rows belong to a finished
+    run only, and the "before" rows are redone when the checkpoint holds no "before" summary.
+    """
+    for name in (STEPS_FILE, ROLLOUTS_FILE):
+        path = out / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+    (out / "heldout_after.jsonl").unlink(missing_ok=True)
+    if not before_done:
+        (out / "heldout_before.jsonl").unlink(missing_ok=True)
+
+
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
@@ -366,6 +390,10 @@ def plot_reward_curve(history: list[dict[str, Any]], path: Path, before: dict[st
         loss_axis.plot(steps, [row["loss"] for row in history], marker=".", label="loss")
         loss_axis.plot(steps, [row["kl"] for row in history], marker=".", label="KL (k3)")
         loss_axis.plot(steps, [row["clip_fraction"] for row in history], marker=".", label="clip fraction")
+        guarded = [row for row in history if "guard_scale" in row]
+        if guarded:  # 1 = the update kept whole, 0.5 / 0.25 = halved, 0 = undone (training.grpo_guard)
+            loss_axis.plot([row["step"] for row in guarded], [row["guard_scale"] for row in guarded], "x",
+                           label="update kept (guard)")
     for label, summary, x in (("held-out before", before, 0), ("held-out after", after, (steps[-1] if steps else 0) + 1)):
         if summary:
             axis.errorbar([x], [summary["reward_mean"]], yerr=[summary["group_std_mean"]], fmt="s", capsize=4,

@@ -26,7 +26,8 @@ layers over it.
 What it does: a backtracking line search on the update, as TRPO's on its KL bound. The update's
 parameter change d is tried at full size, then halved (`backtracks` times); the first size at which every
 probe still passes is kept. If none does, the weights and the optimizer state go back to before the
-update, so one bad batch costs one step instead of the run. Held-out tasks are never probed.
+update, so one bad batch costs one step instead of the run. Held-out tasks are never probed. The probes
+are saved with each checkpoint, so `--resume` guards against the same states.
 """
 
 from __future__ import annotations
@@ -152,6 +153,15 @@ class UpdateGuard:
     @property
     def enabled(self) -> bool:
         return self.per_tool > 0
+
+    def probe_records(self) -> list[dict[str, Any]]:
+        """The probes as JSON-ready rows, for the checkpoint: a resumed run checks the same states."""
+        return [{"ids": list(p.ids), "checked": list(p.checked), "tool": p.tool} for p in self.probes]
+
+    def restore(self, records: list[dict[str, Any]]) -> None:
+        """Take back the probes of `probe_records` (their frozen-trunk outputs are recomputed on first use)."""
+        self.probes = [Probe(tuple(r["ids"]), tuple(r["checked"]), r["tool"]) for r in records]
+        self._trunk_cache.clear()
 
     def passes(self, probes: list[Probe]) -> list[bool]:
         """`probe_passes` on the guarded model in eval mode, keeping the frozen layers' output of each probe."""
