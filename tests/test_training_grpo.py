@@ -212,6 +212,24 @@ def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_ne
         rollout_sequences(groups, "none", refusal_credit="last")
 
 
+def test_refusal_credit_first_never_pushes_up_a_call_that_repeats_an_earlier_one():
+    from training.grpo_rollouts import Rollout
+
+    def looping(total, repeats):  # PG, IG, QE, then QE on the same image again and again, as pool 6 learned
+        turns, prompt = [], [1, 2]
+        for i, repeat in enumerate(repeats):
+            turns.append(Turn(list(prompt), [3 + i], [-0.1], True, repeat))
+            prompt = prompt + [3 + i, 9]
+        return Rollout(task=None, group=0, member=0, seed=0, turns=turns, reward=reward_of(total))
+
+    less, more = looping(1.2, (False, False, False, True)), looping(1.0, (False, False, False, True, True, True))
+    up, down = rollout_sequences([[less, more]], "none", refusal_credit="first", negative_advantage_scale=1.0)[0]
+    assert up.advantage > 0 and [up.ids[p] for p in up.positions] == [3, 4, 5]  # its repeated QE: context only
+    assert down.advantage < 0 and [down.ids[p] for p in down.positions] == [3, 4, 5, 6]  # blamed at its first repeat
+    every = rollout_sequences([[less, more]], "none")[0]
+    assert [len(s.positions) for s in every] == [4, 6]  # "run": DESIGN §6, every token
+
+
 def test_negative_advantage_scale_shrinks_only_the_runs_below_their_group_and_zero_drops_them():
     from training.grpo_rollouts import Rollout
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from training.grpo_rewards import RewardWeights, reflection_reward, score_rollout, task_reward
+from training.grpo_rewards import RewardWeights, reflection_reward, repeated_call_turns, score_rollout, task_reward
 
 WEIGHTS = RewardWeights(task=1.0, reflection=1.0, behaviour=0.5, over_budget_penalty=0.1)
 FAIL = {"location": 5.0, "quality": 2.0, "passed": False}
@@ -111,6 +111,8 @@ def test_repeating_a_call_that_answers_the_same_thing_is_penalised_and_a_qe_loop
                                     ("quality_eval", {"image": 3}, "Image 3: PASS"), ("mask_gen", {"image": 3}, "M")],
                            {"2": PASS, "3": PASS})
     assert score(loop).repeated_calls == 7 and score(expert()).repeated_calls == 0
+    assert repeated_call_turns(loop[0]["messages"]) == [False] * 3 + [True] * 7  # one flag per assistant turn
+    assert not any(repeated_call_turns(retry_same_image[0]["messages"]))
     assert score(retry_same_image).repeated_calls == 0  # image_gen samples anew; new images are new arguments
     assert score(loop).valid_turns == 1.0 and score(loop).protocol  # what let the loop through before
     assert score(loop).total < score(expert()).total - 0.5

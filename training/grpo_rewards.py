@@ -89,19 +89,33 @@ def over_budget_calls(messages: list[Any], status: str) -> int:
     return refused + (status == "budget_exhausted")
 
 
-def repeated_calls(messages: list[Any]) -> int:
-    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one."""
+def repeated_call_turns(messages: list[Any]) -> list[bool]:
+    """For each assistant message, whether the call it ran repeats an earlier executed call of a tool that
+    answers the same arguments the same way (`DETERMINISTIC_TOOLS`); GRPO gives such a turn no positive credit."""
+    from langchain_core.messages import AIMessage
+
     from evals.policy_eval import executed_calls
 
+    starts = [i for i, m in enumerate(messages) if isinstance(m, AIMessage)]
     seen: set[str] = set()
-    repeats = 0
-    for call in executed_calls(messages):
-        if call.name not in DETERMINISTIC_TOOLS:
-            continue
-        key = call.name + json.dumps(call.args, sort_keys=True)
-        repeats += key in seen
-        seen.add(key)
-    return repeats
+    flags: list[bool] = []
+    done = 0
+    for n in range(len(starts)):
+        calls = executed_calls(messages[: starts[n + 1] if n + 1 < len(starts) else len(messages)])
+        repeat = False
+        for call in calls[done:]:  # the call this message ran, answered before the next message
+            if call.name in DETERMINISTIC_TOOLS:
+                key = call.name + json.dumps(call.args, sort_keys=True)
+                repeat = repeat or key in seen
+                seen.add(key)
+        done = len(calls)
+        flags.append(repeat)
+    return flags
+
+
+def repeated_calls(messages: list[Any]) -> int:
+    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one."""
+    return sum(repeated_call_turns(messages))
 
 
 def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,

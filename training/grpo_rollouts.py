@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from langchain_core.messages import AIMessage
 
 from evals.policy_eval import Task, turns_accepted
-from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
+from training.grpo_rewards import RewardBreakdown, RewardWeights, repeated_call_turns, score_rollout
 
 if TYPE_CHECKING:
     from graph.policies.batched_generation import BatchScheduler
@@ -46,6 +46,7 @@ class Turn:
     token_ids: list[int]
     logprobs: list[float] | None
     accepted: bool = True
+    repeats: bool = False  # its call repeated an earlier quality_eval / mask_gen / knowledge_retrieval exactly
 
 
 @dataclass
@@ -79,7 +80,8 @@ def turns_from_messages(messages: list[Any]) -> tuple[list[Turn], int]:
     """The recorded turns of a run, and how many assistant turns had no token record (not trainable)."""
     turns: list[Turn] = []
     untracked = 0
-    for message, accepted in zip([m for m in messages if isinstance(m, AIMessage)], turns_accepted(messages)):
+    assistant = [m for m in messages if isinstance(m, AIMessage)]
+    for message, accepted, repeats in zip(assistant, turns_accepted(messages), repeated_call_turns(messages)):
         meta = message.response_metadata or {}
         ids, prompt = meta.get("token_ids"), meta.get("prompt_token_ids")
         if not ids or not prompt:
@@ -88,7 +90,7 @@ def turns_from_messages(messages: list[Any]) -> tuple[list[Turn], int]:
         logprobs = meta.get("logprobs")
         if logprobs is not None and len(logprobs) != len(ids):
             logprobs = None
-        turns.append(Turn(list(prompt), list(ids), list(logprobs) if logprobs is not None else None, accepted))
+        turns.append(Turn(list(prompt), list(ids), list(logprobs) if logprobs is not None else None, accepted, repeats))
     return turns, untracked
 
 
