@@ -57,6 +57,7 @@ class ExecutedCall:
     args: dict[str, Any]
     steps_before: int
     image_gens_before: int
+    turn: int = -1  # the index of the assistant message that made it, among the run's assistant messages
 
 
 @dataclass
@@ -147,15 +148,19 @@ def executed_calls(messages: list[AnyMessage]) -> list[ExecutedCall]:
     answers = {m.tool_call_id: m for m in messages if isinstance(m, ToolMessage)}
     calls: list[ExecutedCall] = []
     steps = gens = 0
+    turn = -1
     for message in messages:
-        if not isinstance(message, AIMessage) or not (message.tool_calls or message.invalid_tool_calls):
+        if not isinstance(message, AIMessage):
+            continue
+        turn += 1
+        if not (message.tool_calls or message.invalid_tool_calls):
             continue
         if message.tool_calls:  # the policy node runs the first parsed call (if it validates)
             first = message.tool_calls[0]
             answer = answers.get(first["id"])
             checked = validate_call(first["name"], first.get("args"), first.get("id") or "")
             if isinstance(checked, ValidCall) and answer is not None and not _is_error(answer):
-                calls.append(ExecutedCall(checked.name, checked.args.model_dump(), steps, gens))
+                calls.append(ExecutedCall(checked.name, checked.args.model_dump(), steps, gens, turn))
                 gens += checked.name == "image_gen"
         steps += 1
     return calls

@@ -33,11 +33,12 @@ comma). Under token-level normalisation those copies, which the model already ex
 token against -0.58 for the first bad turn, one SFT batch), outweigh the turn that went wrong; most of
 their tokens are valid call syntax (``"image": 2}``). And a run that ended early without a mask beats a
 garbage loop in its group, so ``"run"`` pushes its early final answer up; here a refused turn in a run
-above its group's mean is never pushed up. A turn whose call repeats an earlier quality_eval, mask_gen or
-knowledge_retrieval exactly (`Turn.repeats`) counts as refused here: the repeat penalty lowers the run's
-reward, but in a group where every run loops, the run that loops least is above the mean, and training
-all its accepted turns pushed its repeated calls up too (session 11, pool 6: repeated calls in a step's
-8 rollouts 0-7 in steps 1-5, 22-48 in steps 8-13, with the guard passing every update). Measured: README, GRPO (helped one training pool, not the other).
+above its group's mean is never pushed up. Measured: README, GRPO (helped one training pool, not the other).
+A turn whose call repeats an earlier quality_eval, mask_gen or knowledge_retrieval exactly (`Turn.repeats`)
+counts as refused here: the repeat penalty lowers the run's reward, but in a group where every run loops,
+the run that loops least is above the mean, and training all its accepted turns pushed its repeated calls
+up too (session 11, pool 6: repeated calls in a step's 8 rollouts 0-7 in steps 1-5, 22-48 in steps 8-13,
+with the guard passing every update).
 ``"run"`` (the default) trains every token on the run's advantage, DESIGN §6's update.
 
 Asymmetric advantages (``negative_advantage_scale`` s in [0, 1], ours; 1 = DESIGN §6): a run below its

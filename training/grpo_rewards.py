@@ -96,20 +96,13 @@ def repeated_call_turns(messages: list[Any]) -> list[bool]:
 
     from evals.policy_eval import executed_calls
 
-    starts = [i for i, m in enumerate(messages) if isinstance(m, AIMessage)]
+    flags = [False] * sum(isinstance(m, AIMessage) for m in messages)
     seen: set[str] = set()
-    flags: list[bool] = []
-    done = 0
-    for n in range(len(starts)):
-        calls = executed_calls(messages[: starts[n + 1] if n + 1 < len(starts) else len(messages)])
-        repeat = False
-        for call in calls[done:]:  # the call this message ran, answered before the next message
-            if call.name in DETERMINISTIC_TOOLS:
-                key = call.name + json.dumps(call.args, sort_keys=True)
-                repeat = repeat or key in seen
-                seen.add(key)
-        done = len(calls)
-        flags.append(repeat)
+    for call in executed_calls(messages):
+        if call.name in DETERMINISTIC_TOOLS:
+            key = call.name + json.dumps(call.args, sort_keys=True)
+            flags[call.turn] = key in seen
+            seen.add(key)
     return flags
 
 
