@@ -330,6 +330,17 @@ def test_time_limit_stops_before_a_step_expected_to_end_past_it():
     assert next_step_fits(1e9, history, None)
 
 
+def test_time_limit_forecast_follows_steps_that_grow():
+    from training.grpo import expected_step_seconds, next_step_fits
+
+    growing = [{"seconds": s} for s in (60.0, 60.0, 60.0, 60.0, 180.0, 180.0, 210.0)]  # mean 115.7, last three 190
+    assert expected_step_seconds(growing) == pytest.approx(190.0)
+    assert not next_step_fits(1750.0, growing, 1900.0)  # the plain mean (1750 + 116 <= 1900) would start a 200 s step
+    shrinking = [{"seconds": s} for s in (200.0, 200.0, 60.0, 60.0, 60.0)]
+    assert expected_step_seconds(shrinking) == pytest.approx(116.0)  # the mean of all: a short spell is not trusted
+    assert expected_step_seconds([]) == 0.0
+
+
 def test_clipped_loss_and_kl_follow_trl():
     import torch
 

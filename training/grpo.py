@@ -210,9 +210,9 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
             save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()})
         if limit_hit:
             stopped_by_time = True
-            logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; a step takes %.0f s on "
-                           "average)", config.time_limit_s, step + 1, state["train_seconds"],
-                           mean_step_seconds(state["history"]))
+            logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step was "
+                           "forecast at %.0f s)", config.time_limit_s, step + 1, state["train_seconds"],
+                           expected_step_seconds(state["history"]))
             break
     after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
     plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after)
@@ -232,9 +232,19 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     return summary
 
 
-def mean_step_seconds(history: list[dict[str, Any]]) -> float:
-    """The mean wall time of the steps so far (0 before the first)."""
-    return sum(row["seconds"] for row in history) / len(history) if history else 0.0
+def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> float:
+    """The forecast of the next step's wall time: the larger of the mean of all steps and of the last `recent`.
+
+    Why not the plain mean: steps grow when the policy's runs get longer (a looping policy makes more
+    turns per rollout). Session 11's pool-6 run had a mean of 145 s but its last three steps took 170-206 s,
+    so the mean let it start a 213 s step 160 s before the limit (it ended 53 s past it). Taking the recent
+    mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses at most
+    the step that a few long steps in a row make look too long.
+    """
+    if not history:
+        return 0.0
+    seconds = [row["seconds"] for row in history]
+    return max(sum(seconds) / len(seconds), sum(seconds[-recent:]) / len(seconds[-recent:]))
 
 
 def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
@@ -242,10 +252,10 @@ def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s:
 
     Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
     overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
-    inside a fixed wall-time budget. The mean of the steps so far is the forecast; a long step still
-    overruns by its excess over the mean, not by a whole step.
+    inside a fixed wall-time budget. `expected_step_seconds` is the forecast; a long step still overruns
+    by its excess over the forecast, not by a whole step.
     """
-    return limit_s is None or train_seconds + mean_step_seconds(history) <= limit_s
+    return limit_s is None or train_seconds + expected_step_seconds(history) <= limit_s
 
 
 def compare_policies(config: GRPOJobConfig, before_model: str, after_model: str, *,

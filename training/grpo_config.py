@@ -64,7 +64,8 @@ class GRPOJobConfig:
             forward pass per token for all of them) instead of one at a time.
         save_steps: Save a checkpoint every N optimizer steps (and at the end); `--resume` continues it.
         time_limit_s: Stop training (not the final evaluation) before a step that is expected to end past
-            this many seconds of training (the mean step so far is the forecast).
+            this many seconds of training (the forecast: the larger of the mean step and the mean of the
+            last three).
     """
 
     output_dir: str
