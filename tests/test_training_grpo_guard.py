@@ -8,7 +8,8 @@ import json
 import pytest
 from tiny_llm import build_tiny_llm
 
-from training.grpo_guard import Probe, UpdateGuard, call_positions, called_tool, candidate_probes, probe_passes
+from training.grpo_guard import (FINAL_ANSWER, Probe, UpdateGuard, called_tool, candidate_probes, checked_positions,
+                                 probe_passes, turn_move)
 from training.grpo_rewards import RewardBreakdown
 from training.grpo_rollouts import Rollout, Turn
 
@@ -50,15 +51,25 @@ def test_called_tool_names_only_a_single_call_that_validates():
     assert called_tool("Done: image 2 and its mask.") is None
 
 
-def test_the_checked_tokens_are_the_call_and_for_image_gen_stop_before_its_free_text(writes_prompt_gen):
+def test_called_tool_names_only_a_single_call_that_validates_and_a_turn_without_one_is_the_answer():
+    assert turn_move("Image 2 has the defect and its mask. Done.") == FINAL_ANSWER
+    assert turn_move(call("quality_eval", '{"image": 2}')) == "quality_eval"
+    assert turn_move(call("mask_gen", '{"image": 2')) is None  # a broken call is no answer
+    assert turn_move(PROMPT_GEN_CALL + PROMPT_GEN_CALL) is None
+
+
+def test_the_checked_tokens_are_the_whole_turn_and_for_image_gen_stop_before_its_free_text(writes_prompt_gen):
     tokenizer = writes_prompt_gen.tokenizer
     end = tokenizer.eos_token
     qe = tokenizer.encode("Check image 2.\n" + call("quality_eval", '{"image": 2}') + end)
-    checked = call_positions(tokenizer, 100, qe, "quality_eval")
-    assert tokenizer.decode([qe[i - 100] for i in checked]) == call("quality_eval", '{"image": 2}') + end
+    checked = checked_positions(tokenizer, 100, qe, "quality_eval")
+    assert tokenizer.decode([qe[i - 100] for i in checked]) == "Check image 2.\n" + call("quality_eval", '{"image": 2}') + end
     ig = tokenizer.encode("Apply it.\n" + call("image_gen", '{"prompt": "a thin crack"}') + end)
-    checked = call_positions(tokenizer, 0, ig, "image_gen")
-    assert tokenizer.decode([ig[i] for i in checked]) == '<tool_call>\n{"name": "image_gen", "arguments": {"prompt": "'
+    checked = checked_positions(tokenizer, 0, ig, "image_gen")
+    assert tokenizer.decode([ig[i] for i in checked]) == (
+        'Apply it.\n<tool_call>\n{"name": "image_gen", "arguments": {"prompt": "')
+    answer = tokenizer.encode("Image 2 and its mask. Done." + end)
+    assert checked_positions(tokenizer, 7, answer, FINAL_ANSWER) == tuple(range(7, 7 + len(answer)))
 
 
 def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_prompt_gen):
@@ -82,7 +93,8 @@ def test_probes_are_the_forced_calls_of_successful_protocol_runs_only(writes_pro
     probes = candidate_probes(groups, local.tokenizer)
     assert [(p.ids, p.tool) for p in probes] == [
         ((*success[n].prompt_ids, *success[n].token_ids), tool)
-        for n, tool in ((0, "prompt_gen"), (1, "image_gen"), (3, "quality_eval"), (6, "quality_eval"), (7, "mask_gen"))]
+        for n, tool in ((0, "prompt_gen"), (1, "image_gen"), (3, "quality_eval"), (6, "quality_eval"), (7, "mask_gen"),
+                        (8, FINAL_ANSWER))]
 
     guard = UpdateGuard(local.model, local.tokenizer, per_tool=1, backtracks=2)
     # One candidate per forced call, kept only where the model's greedy choice is the run's call today: this
@@ -160,3 +172,18 @@ def test_a_guard_that_is_off_or_has_no_probes_changes_nothing(writes_prompt_gen)
     assert not guard.enabled and guard.add_probes([]) == 0
     assert guard.snapshot(optimizer) is None
     assert guard.check(optimizer, None) == {}
+
+
+def test_a_probe_fails_when_the_thought_is_no_longer_greedy_though_the_call_after_it_still_is(writes_prompt_gen):
+    """Session 12's blind spot: teacher-forced on the written thought, the call was still greedy while the
+    policy's own turn had changed. This model writes its call straight away, never this thought."""
+    local = writes_prompt_gen
+    tokenizer = local.tokenizer
+    prompt = state_prompt(local, "a state")
+    turn = [*tokenizer.encode("First, an instruction.\n"), tokenizer.convert_tokens_to_ids(PROMPT_GEN_CALL),
+            tokenizer.eos_token_id]
+    ids = (*prompt, *turn)
+    call_only = Probe(ids, tuple(range(len(ids) - 2, len(ids))), "prompt_gen")
+    whole_turn = Probe(ids, checked_positions(tokenizer, len(prompt), turn, "prompt_gen"), "prompt_gen")
+    assert whole_turn.checked == tuple(range(len(prompt), len(ids)))
+    assert probe_passes(local.model, [call_only, whole_turn]) == [True, False]

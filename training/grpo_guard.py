@@ -8,15 +8,27 @@ a ``mask_gen`` call), every later rollout failed (training reward 1.46 -> 0.18),
 could recover, because a group of equal failures carries no signal.
 
 What it checks: *probes*, states taken from the training rollouts that succeeded and followed the
-protocol, at the four steps where the protocol allows exactly one call (DESIGN §6):
+protocol, at the five steps where the protocol allows exactly one move (DESIGN §6):
 
-    start -> prompt_gen,  prompt_gen -> image_gen,  image_gen -> quality_eval,  a passed quality_eval -> mask_gen
+    start -> prompt_gen,  prompt_gen -> image_gen,  image_gen -> quality_eval,  a passed quality_eval -> mask_gen,
+    mask_gen -> the final answer
 
 A probe is the state's prompt with the turn the successful run wrote there. It passes when every token
-of that turn's call (from ``<tool_call>`` to the end of the turn; for image_gen up to its free-text
-prompt) is still the policy's greedy choice, teacher-forced: greedy decoding from that state, after the
-same thought, writes the same call. Probes are kept only if they pass when added. States after a failed
-evaluation are left out: there KR, a new instruction and a new image are all allowed.
+of that turn (its thought, its call and the end of the turn; for image_gen all but its free-text prompt)
+is still the policy's greedy choice, teacher-forced: greedy decoding from that state writes the same
+turn. Probes are kept only if they pass when added. States after a failed evaluation are left out:
+there KR, a new instruction and a new image are all allowed.
+
+Why the thought too (since session 12): the first version checked only the call tokens after the
+thought the run had written, so a policy whose own thought had changed passed. Session 12's pool-5 run
+collapsed its thoughts to "Image 2." on every turn and then called mask_gen again and again after its
+mask (held-out 1.199 -> 1.078, 76 repeated calls in 24 runs); teacher-forced on its probes, its call
+tokens were all still greedy, but the first thought token of the quality_eval probe was not ("Image"
+where "Check" was written). Read back the same way, the two earlier runs that looped or answered
+early (session 11, pool 6) fail the thought check, and the two that did not (pools 5 and 7) pass it;
+the SFT policy writes these templated thoughts greedily (log p -0.03 a turn), so whole-turn probes are
+not rarer than call-only ones. The final answer after the mask is probed for the same reason: nothing
+forced the run to stop after its mask.
 
 Why teacher-forced and not generated: a probe's prompt is 1-2.5k tokens, and decoding eight of them after
 every update took ~40 s of a ~150 s CPU step (measured, session 9). The layers below the trained ones do
@@ -42,9 +54,13 @@ from graph.policies.chat import TOOL_CALL_OPEN
 
 logger = logging.getLogger(__name__)
 
-#: (previous call, the only call the protocol allows next) - None: the run's first call.
+#: The probe "tool" of the final answer (a turn without a call), the only move the protocol allows after the mask.
+FINAL_ANSWER = "final_answer"
+
+#: (previous call, the only move the protocol allows next) - None: the run's first call.
 FORCED_CALLS: frozenset[tuple[str | None, str]] = frozenset({
     (None, "prompt_gen"), ("prompt_gen", "image_gen"), ("image_gen", "quality_eval"), ("quality_eval", "mask_gen"),
+    ("mask_gen", FINAL_ANSWER),
 })
 
 
@@ -53,8 +69,8 @@ class Probe:
     """A state of a successful training rollout with the turn written there, and which of its tokens must stay greedy."""
 
     ids: tuple[int, ...]  # the state's prompt, then the turn
-    checked: tuple[int, ...]  # positions in `ids` of the turn's call tokens
-    tool: str
+    checked: tuple[int, ...]  # positions in `ids` of the turn's tokens that must stay greedy
+    tool: str  # the forced call, or FINAL_ANSWER
 
 
 def called_tool(text: str) -> str | None:
@@ -70,29 +86,38 @@ def called_tool(text: str) -> str | None:
     return checked.name if isinstance(checked, ValidCall) else None
 
 
-def call_positions(tokenizer: Any, prompt_length: int, token_ids: list[int], tool: str) -> tuple[int, ...]:
-    """The positions (after a prompt of `prompt_length` ids) of the turn's tokens that write its call.
+def turn_move(text: str) -> str | None:
+    """`called_tool` of the turn, FINAL_ANSWER for a turn with no call at all, None for anything else."""
+    from graph.policies.chat import parse_completion
 
-    From the token that starts ``<tool_call>`` (or the bare JSON object) to the end of the turn; for
-    image_gen only up to the opening quote of its ``prompt``, whose text is the policy's free choice.
+    message = parse_completion(text)
+    if not message.tool_calls and not message.invalid_tool_calls and TOOL_CALL_OPEN not in text:
+        return FINAL_ANSWER
+    return called_tool(text)
+
+
+def checked_positions(tokenizer: Any, prompt_length: int, token_ids: list[int], tool: str) -> tuple[int, ...]:
+    """The positions (after a prompt of `prompt_length` ids) of the turn's tokens that must stay greedy.
+
+    The whole turn (thought, call and end-of-turn tokens); for image_gen only up to the opening quote of
+    its ``prompt``, whose text is the policy's free choice.
     """
+    if tool != "image_gen":
+        return tuple(prompt_length + i for i in range(len(token_ids)))
     text = tokenizer.decode(token_ids, skip_special_tokens=False)
     ends = [len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False)) for i in range(len(token_ids))]
-    starts = [0, *ends[:-1]]
     begin = text.find(TOOL_CALL_OPEN)
     begin = text.find("{") if begin < 0 else begin
-    stop = len(text)
-    if tool == "image_gen":
-        free_text = re.search(r'"prompt"\s*:\s*"', text[begin:])
-        stop = begin + free_text.end() if free_text else begin
-    return tuple(prompt_length + i for i in range(len(token_ids))
-                 if ends[i] > begin and (ends[i] <= stop or starts[i] >= len(text)))
+    free_text = re.search(r'"prompt"\s*:\s*"', text[begin:]) if begin >= 0 else None
+    stop = begin + free_text.end() if free_text else len(text)
+    return tuple(prompt_length + i for i in range(len(token_ids)) if ends[i] <= stop)
 
 
 def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
-    """The forced-call states (`FORCED_CALLS`) of every rollout that succeeded and followed the protocol.
+    """The forced states (`FORCED_CALLS`) of every rollout that succeeded and followed the protocol.
 
-    A ``quality_eval -> mask_gen`` state counts only in such a run, where mask_gen's image had passed.
+    A ``quality_eval -> mask_gen`` state counts only in such a run, where mask_gen's image had passed; the
+    final answer counts where it follows the run's mask_gen.
     """
     probes: list[Probe] = []
     for group in groups:
@@ -103,19 +128,21 @@ def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
             for turn in rollout.turns:
                 if not turn.accepted:
                     continue
-                tool = called_tool(tokenizer.decode(turn.token_ids, skip_special_tokens=False))
+                tool = turn_move(tokenizer.decode(turn.token_ids, skip_special_tokens=False))
                 if tool is None:
-                    break  # the final answer: nothing is forced after it
+                    break  # a turn the protocol has no single move for: nothing is forced after it
                 if (previous, tool) in FORCED_CALLS:
-                    checked = call_positions(tokenizer, len(turn.prompt_ids), list(turn.token_ids), tool)
+                    checked = checked_positions(tokenizer, len(turn.prompt_ids), list(turn.token_ids), tool)
                     if checked:
                         probes.append(Probe((*turn.prompt_ids, *turn.token_ids), checked, tool))
+                if tool == FINAL_ANSWER:
+                    break  # nothing is forced after the answer
                 previous = tool
     return probes
 
 
 def probe_passes(model: Any, probes: list[Probe], trunk_cache: dict[Probe, Any] | None = None) -> list[bool]:
-    """Whether each probe's call tokens are all still the model's greedy choice (teacher-forced).
+    """Whether each probe's checked tokens are all still the model's greedy choice (teacher-forced).
 
     `trunk_cache` keeps each probe's output of the frozen bottom layers (`frozen_trunk_layers`) across checks.
     """
