@@ -114,7 +114,7 @@ def turn_is_valid(message: AIMessage, after_mask: bool = True) -> bool:
     if message.invalid_tool_calls:
         return False
     if not message.tool_calls:
-        return after_mask and bool(_text(message).strip())
+        return after_mask and bool(message_text(message).strip())
     if len(message.tool_calls) != 1:
         return False
     call = message.tool_calls[0]
@@ -335,10 +335,11 @@ def format_table(summary: dict[str, Any], title: str) -> Any:
 
 def _is_error(answer: AnyMessage) -> bool:
     """Whether a tool answer is the graph's error observation (`graph.prompts` starts them with "Error:")."""
-    return _text(answer).startswith("Error:")
+    return message_text(answer).startswith("Error:")
 
 
-def _text(message: AnyMessage) -> str:
+def message_text(message: AnyMessage) -> str:
+    """A message's text, whether its content is a string or a list of parts."""
     content = message.content
     if isinstance(content, str):
         return content

@@ -264,10 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_generator_arguments(q)
     q.set_defaults(func=cmd_eval_generators)
 
-    q = ev.add_parser("grpo", help="two policies' held-out GRPO reward on the same tasks and seeds, paired")
+    q = ev.add_parser("grpo", help="held-out GRPO reward of a policy before and one or more after training, "
+                                           "on the same tasks and seeds, paired")
     q.add_argument("--config", required=True, help="the GRPO YAML (graph settings, rewards, held-out size)")
     q.add_argument("--before", required=True, help="model folder before training (e.g. the SFT checkpoint)")
-    q.add_argument("--after", required=True, help="model folder after training (e.g. OUTPUT_DIR/final)")
+    q.add_argument("--after", required=True, nargs="+",
+                   help="model folder(s) after training (e.g. OUTPUT_DIR/final); several share one 'before' run")
     q.add_argument("--heldout-seed", dest="heldout_seed", type=int, help="another held-out set than the config's")
     q.add_argument("--heldout-tasks", dest="heldout_tasks", type=int, help="override the config's heldout_tasks")
     q.add_argument("--workers", type=int, help="rollouts at once (local backend: rows of one decoding batch)")

@@ -88,6 +88,7 @@ def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, 
             assert turn.logprobs is not None and len(turn.logprobs) == len(turn.token_ids) <= 12
             assert not turn.accepted  # a random model's turns are all refused by the graph
         assert rollout.log_row()["rejected_turns"] == len(rollout.turns)
+        assert len(rollout.thoughts) == len(rollout.turns)  # one text per assistant message, for top_thought_share
         sequences = build_sequences(rollout.turns, 1.0)
         assert sum(len(s.positions) for s in sequences) == sum(len(t.token_ids) for t in rollout.turns)
 
@@ -133,6 +134,24 @@ def test_advantages_are_group_relative_and_flat_groups_are_dropped():
     assert group_advantages([1.0, 1.0, 1.0]) is None
     advantages = group_advantages([0.0, 1.0])
     assert advantages[0] < 0 < advantages[1] and abs(sum(advantages)) < 1e-9
+
+
+def test_step_summary_counts_repeated_calls_and_the_share_of_the_commonest_thought():
+    import dataclasses
+
+    from training.grpo_rollouts import Rollout, reward_summary, top_thought_share
+
+    def rollout(member, thoughts, repeats):
+        reward = dataclasses.replace(reward_of(1.0), repeated_calls=repeats)
+        return Rollout(task=None, group=0, member=member, seed=member, reward=reward, thoughts=thoughts)
+
+    varied = ["First, write an instruction.", "Make image 2.", "Check whether image 2 is good.", "Done."]
+    collapsed = ["First, write an instruction.", "Image 2.", "Image 2.", "Image 2.", "Image 2."]
+    assert top_thought_share([]) == 0.0 and top_thought_share(varied) == 0.25
+    summary = reward_summary([[rollout(0, varied, 0), rollout(1, varied, 0)]])
+    assert summary["top_thought_share"] == 0.25 and summary["repeated_calls"] == 0
+    summary = reward_summary([[rollout(0, varied, 0), rollout(1, collapsed, 3)]])
+    assert summary["top_thought_share"] == pytest.approx(4 / 9) and summary["repeated_calls"] == 3
 
 
 def test_batch_and_unscaled_advantages_do_not_blow_up_a_group_with_a_tiny_spread():
@@ -502,6 +521,28 @@ def test_eval_grpo_pairs_two_policies_on_another_heldout_set(tiny, tmp_path, sam
     assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
                          f"reward_after {summary['after']['reward_mean']:.4f}")
     assert len((out / "heldout_after.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_grpo_pairs_several_after_policies_with_one_before_run(tiny, tmp_path, sample_dir, capsys):
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny, twin)
+    config_file = tmp_path / "grpo.yaml"
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).__dict__))
+    out = tmp_path / "compare"
+    assert main(["eval", "grpo", "--config", str(config_file), "--before", str(tiny), "--after", str(twin),
+                 str(tiny), "--output-dir", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((out / "grpo_compare.json").read_text())
+    assert [(a["label"], a["model"]) for a in summary["afters"]] == [("after", str(twin)), ("after2", str(tiny))]
+    assert summary["after"] == summary["afters"][0]["result"] and summary["paired"] == summary["afters"][0]["paired"]
+    assert all(a["paired"]["mean"] == 0.0 and a["result"]["rollouts"] == 2 for a in summary["afters"])
+    assert sorted(p.name for p in out.glob("heldout_*.jsonl")) == [
+        "heldout_after.jsonl", "heldout_after2.jsonl", "heldout_before.jsonl"]
+    assert f"after2: {tiny}" in lines and lines.count(f"after: {twin}") == 1
+    assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
+                         f"reward_after {summary['afters'][1]['result']['reward_mean']:.4f}")
 
 
 def test_bench_grpo_update_prints_kl_and_gain_per_setting(tiny, tmp_path, sample_dir, likelihood_reward, capsys):

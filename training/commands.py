@@ -75,7 +75,8 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
         print(f"step {row['step']} reward {row['reward_mean']:.3f} +- {row['reward_std']:.3f} "
               f"(task {row['task']:.3f} reflection {row['reflection']:.3f} behaviour {row['behaviour']:.3f}) "
               f"loss {row['loss']:.4f} kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} "
-              f"dropped {row['groups_dropped']} {row['seconds']:.0f}s")
+              f"dropped {row['groups_dropped']} repeats {row.get('repeated_calls', 0)} "
+              f"top-thought {row.get('top_thought_share', 0.0):.2f} {row['seconds']:.0f}s")
     print(f"curve {summary['curve']}; final model {summary['final_model']}; {summary['wall_seconds']:.0f} s")
     if summary["before"] is None or summary["after"] is None:
         print(f"grpo steps {summary['steps']} (no held-out evaluation)")
@@ -92,7 +93,10 @@ def cmd_eval_grpo(args: argparse.Namespace) -> int:
                                      heldout_tasks=args.heldout_tasks, workers=args.workers)
     summary = compare_policies(config, args.before, args.after, progress=sys.stderr.isatty())
     print(f"held-out seed {summary['heldout_seed']}: {', '.join(summary['heldout_tasks'])}")
-    print_heldout(summary)
+    for entry in summary["afters"]:  # the last line is the last after-policy's
+        if len(summary["afters"]) > 1:
+            print(f"{entry['label']}: {entry['model']}")
+        print_heldout({"before": summary["before"], "after": entry["result"], "paired": entry["paired"]})
     return 0
 
 
@@ -102,7 +106,8 @@ def print_heldout(summary: dict) -> None:
     for label, part in (("before", before), ("after", after)):
         print(f"held-out {label}: reward {part['reward_mean']:.3f} std {part['reward_std']:.3f} "
               f"within-group std {part['group_std_mean']:.3f} over {part['rollouts']} rollouts; "
-              f"score {part['score']:.2f} protocol {part['protocol']:.3f} masked_runs {part['masked_runs']:.3f}")
+              f"score {part['score']:.2f} protocol {part['protocol']:.3f} masked_runs {part['masked_runs']:.3f} "
+              f"repeated_calls {part.get('repeated_calls', 0)} top_thought {part.get('top_thought_share', 0.0):.2f}")
     if summary.get("paired"):
         paired = summary["paired"]
         print(f"held-out paired difference (after - before, same tasks and seeds): {paired['mean']:+.3f} "
