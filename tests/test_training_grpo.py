@@ -543,6 +543,9 @@ def test_eval_grpo_pairs_several_after_policies_with_one_before_run(tiny, tmp_pa
     assert f"after2: {tiny}" in lines and lines.count(f"after: {twin}") == 1
     assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
                          f"reward_after {summary['afters'][1]['result']['reward_mean']:.4f}")
+    from graph.policies.local_model import load_local_model
+
+    assert load_local_model(tiny).prefix_cache_size == 0 == load_local_model(twin).prefix_cache_size  # caches freed
 
 
 def test_bench_grpo_update_prints_kl_and_gain_per_setting(tiny, tmp_path, sample_dir, likelihood_reward, capsys):

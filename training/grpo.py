@@ -288,10 +288,12 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: str
     results: dict[str, Any] = {}
     for label, model in zip(labels, [before_model, *afters]):
         own = dataclasses.replace(config, model=str(model), prefix_cache=max(config.prefix_cache, config.workers))
-        load_policy(own)
+        _, local = load_policy(own)
         (out / f"heldout_{label}.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "runs" / label, ignore_errors=True)
         results[label] = evaluate(own, heldout, out, label, progress)
+        if local is not None:  # its attention caches (~3 GB at 48 conversations) would outlive it in the loader's cache
+            local.enable_prefix_cache(0)
     listed = [{"label": label, "model": str(model), "result": results[label],
                "paired": paired_difference(results["before"], results[label])}
               for label, model in zip(labels[1:], afters)]
