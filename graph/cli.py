@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_eval_generators)
 
     q = ev.add_parser("grpo", help="held-out GRPO reward of a policy before and one or more after training, "
-                                           "on the same tasks and seeds, paired")
+                                   "on the same tasks and seeds, paired")
     q.add_argument("--config", required=True, help="the GRPO YAML (graph settings, rewards, held-out size)")
     q.add_argument("--before", required=True, help="model folder before training (e.g. the SFT checkpoint)")
     q.add_argument("--after", required=True, nargs="+",
