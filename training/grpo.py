@@ -266,8 +266,8 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
     Why: settings tuned by looking at one held-out set's result are no longer judged fairly by it; a
     second held-out set (another `heldout_seed`, still checked disjoint from the training images) confirms
     a before/after change, with the rollouts of `train grpo`'s own evaluation. Several runs of the same
-    starting checkpoint (other pools, other settings) share one "before" evaluation (four evaluations of 48 rollouts took
-    31 min 17 s on 2 CPU cores) instead of repeating it for each.
+    starting checkpoint (other pools, other settings) share one "before" evaluation instead of repeating
+    it for each (four evaluations of 48 rollouts took 31 min 17 s on 2 CPU cores).
 
     The first after-policy is written as ``after`` (``heldout_after.jsonl``, summary keys ``after`` and
     ``paired``), the k-th (k >= 2) as ``after<k>``; ``summary["afters"]`` lists every one in order.
