@@ -17,7 +17,7 @@ from graph.cli import main
 from training import grpo_rollouts
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_loss import (build_sequences, frozen_trunk_layers, group_advantages, per_token_loss,
-                                policy_and_reference_logprobs, rollout_sequences)
+                                policy_and_reference_logprobs, pushed_down_positions, rollout_sequences)
 from training.grpo_rewards import RewardBreakdown, score_rollout
 from training.grpo_rollouts import Turn, run_groups
 
@@ -229,6 +229,38 @@ def test_refusal_credit_first_trains_a_failed_run_up_to_its_first_refusal_and_ne
     assert len(lucky) == 1 and lucky[0].advantage < 0  # a run of refused turns alone is never pushed up
     with pytest.raises(ValueError, match="refusal_credit"):
         rollout_sequences(groups, "none", refusal_credit="last")
+
+
+def test_first_refusal_is_pushed_down_on_its_unlikely_tokens_only_whatever_the_runs_advantage():
+    from training.grpo_rollouts import Rollout
+
+    def rollout(total, accepted):
+        # each turn samples a likely token (p 0.9) then an unlikely one (p 0.1); the turns extend each other
+        turns, prompt = [], [1, 2]
+        for i, ok in enumerate(accepted):
+            ids = [10 + 2 * i, 11 + 2 * i]
+            turns.append(Turn(list(prompt), ids, [math.log(0.9), math.log(0.1)], ok))
+            prompt = prompt + ids + [9]
+        return Rollout(task=None, group=0, member=0, seed=0, turns=turns, reward=reward_of(total))
+
+    def pushed(sequence):
+        return {sequence.ids[p]: round(a, 3) for p, a in zip(sequence.positions, sequence.advantages())}
+
+    recovered = rollout(1.3, (True, False, False, True))  # above its group's mean despite a refusal and a copy
+    failed = rollout(0.3, (True, False, True))
+    up, down = rollout_sequences([[recovered, failed]], "none", rejected_turn_advantage=1.0, refusal_credit="first",
+                                 negative_advantage_scale=0.0, rejected_token_max_prob=0.5)[0]
+    assert pushed(up) == {10: 0.5, 11: 0.5, 13: -1.0, 16: 0.5, 17: 0.5}  # first refusal: -c on its p 0.1 token
+    assert pushed(down) == {13: -1.0}  # a failed run at scale 0: only its refusal's unlikely token
+    every_token = rollout_sequences([[recovered, failed]], "none", rejected_turn_advantage=1.0,
+                                    refusal_credit="first", negative_advantage_scale=1.0)[0]
+    assert pushed(every_token[1]) == {10: -0.5, 11: -0.5, 12: -1.5, 13: -1.5}  # A - c, up to the first refusal
+    flat = [rollout(0.5, (True, False, False)), rollout(0.5, (True, True, True))]
+    kept, dropped = rollout_sequences([flat], "none", rejected_turn_advantage=1.0, refusal_credit="first",
+                                      rejected_token_max_prob=0.5)
+    assert dropped == 0 and [pushed(s) for s in kept] == [{13: -1.0}]  # not the copy, not the clean run
+    unrecorded = Turn([1, 2], [3, 4], None, False)
+    assert pushed_down_positions(unrecorded, 0.5) == [0, 1]  # no log-probabilities: every token
 
 
 def test_refusal_credit_first_never_pushes_up_a_call_that_repeats_an_earlier_one():

@@ -178,7 +178,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         t_rollouts = time.perf_counter() - t0
         _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
         sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
-                                               config.refusal_credit, config.negative_advantage_scale)
+                                               config.refusal_credit, config.negative_advantage_scale,
+                                               config.rejected_token_max_prob)
         t_guard = time.perf_counter()
         probes_added = guard.add_probes(groups)
         steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
@@ -194,7 +195,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
             local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
         summary = reward_summary(groups)
         row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
-               "groups_dropped": dropped, "sequences": len(sequences), **update,
+               "groups_dropped": dropped, "sequences": len(sequences),
+               "pushed_down_tokens": sum(c < 0 for s in sequences for c in s.turn_credit or ()), **update,
                "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
         state["history"].append(row)
         _append_jsonl(out / STEPS_FILE, [row])

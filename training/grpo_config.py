@@ -47,6 +47,9 @@ class GRPOJobConfig:
             seed) and the rollouts per held-out task for the before/after reward.
         rejected_turn_advantage: Turn-level credit c >= 0 (ours, not TRL's): the tokens of a turn the graph
             refused get the run's advantage minus c (`training.grpo_loss`); 0 is DESIGN §6's run-level update.
+        rejected_token_max_prob: With c > 0, push down only the refused turn's tokens that were sampled
+            with probability below this (ours; 1.0: all of them), so the call syntax the policy was sure
+            of is not pushed towards garbage (`training.grpo_loss.pushed_down_positions`).
         refusal_credit: Which turns of a run carry loss (ours): ``run`` every turn (DESIGN §6), ``first`` a
             run below its group's mean up to its first refused turn and a run above it on its accepted
             turns only, so the copies of a malformed call that follow a bad turn are context, not loss
@@ -84,6 +87,7 @@ class GRPOJobConfig:
     num_iterations: int = 1
     scale_rewards: str = "group"
     rejected_turn_advantage: float = 0.0
+    rejected_token_max_prob: float = 1.0
     refusal_credit: str = "run"
     negative_advantage_scale: float = 1.0
     gradient_accumulation_steps: int = 1
@@ -133,6 +137,8 @@ class GRPOJobConfig:
             raise GRPOConfigError(f"scale_rewards must be group, batch or none, not {self.scale_rewards!r}")
         if self.rejected_turn_advantage < 0:
             raise GRPOConfigError(f"rejected_turn_advantage must be >= 0 (a push down on refused turns), not {self.rejected_turn_advantage}")
+        if not 0.0 < self.rejected_token_max_prob <= 1.0:
+            raise GRPOConfigError(f"rejected_token_max_prob must be in (0, 1], not {self.rejected_token_max_prob}")
         if self.refusal_credit not in ("run", "first"):
             raise GRPOConfigError(f"refusal_credit must be run or first, not {self.refusal_credit!r}")
         if not 0.0 <= self.negative_advantage_scale <= 1.0:

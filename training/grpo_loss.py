@@ -22,7 +22,13 @@ before the mask) get ``A_run - c`` instead of ``A_run``. Why: most failed runs s
 turn (``quality_eval`` where ``image_gen`` belongs) and then go wrong; the run-level advantage spreads the
 blame over every token of the run, most of them fine, while the graph already says which turn it refused.
 With c = 0 (the default) the update is exactly DESIGN §6's. A flat group is still dropped unless one of
-its runs has a refused turn; then only c pushes (its run-level advantages are 0).
+its runs has a refused turn; then only c pushes (its run-level advantages are 0). With
+``refusal_credit="first"`` only a run's first refused turn is pushed down, and with ``min(A_run, 0) - c``:
+the copies that follow it are consequences, and a run above its group's mean does not lift its own
+refusal. ``rejected_token_max_prob`` p < 1 narrows the push-down to the tokens sampled with probability
+below p (`pushed_down_positions` says why). Why push refusals down at all (session 14): with only the
+runs above their group's mean trained, nothing in the update lowers a malformed call, and two of three
+training pools came out writing more of them at temperature 1.0 (training/grpo_runs.md, session 13).
 
 Refusal-aware token selection (``refusal_credit="first"``, ours): which turns of a run carry loss.
 A run with A < 0 trains on its turns up to and including the first refused one; the turns after it stay
@@ -84,14 +90,38 @@ SCALE_REWARDS = ("group", "batch", "none")
 REFUSAL_CREDITS = ("run", "first")
 
 
-def turns_with_loss(turns: list[Turn], advantage: float, refusal_credit: str = "run") -> list[bool]:
-    """For each turn, whether its tokens carry loss or are context only (module doc, refusal-aware selection)."""
-    if refusal_credit == "run" or advantage == 0:
-        return [True] * len(turns)
-    if advantage > 0:
-        return [turn.accepted and not turn.repeats for turn in turns]
+def turn_advantages(turns: list[Turn], advantage: float, refusal_credit: str = "run",
+                    rejected_turn_advantage: float = 0.0) -> list[float | None]:
+    """Each turn's advantage, or None where the turn is context only (module doc: turn-level credit and
+    refusal-aware selection)."""
+    c = rejected_turn_advantage
+    if refusal_credit == "run":
+        return [advantage - (0.0 if turn.accepted else c) for turn in turns]
     first_refused = next((i for i, turn in enumerate(turns) if not turn.accepted or turn.repeats), len(turns))
-    return [i <= first_refused for i in range(len(turns))]
+    first_invalid = next((i for i, turn in enumerate(turns) if not turn.accepted), None)
+    out: list[float | None] = [None] * len(turns)
+    if advantage > 0:
+        out = [advantage if turn.accepted and not turn.repeats else None for turn in turns]
+    elif advantage < 0:
+        out = [advantage if i <= first_refused else None for i in range(len(turns))]
+    if c > 0 and first_invalid is not None:
+        out[first_invalid] = min(advantage, 0.0) - c
+    return out
+
+
+def pushed_down_positions(turn: Turn, max_prob: float) -> list[int]:
+    """Indexes of a refused turn's tokens that its push-down applies to: those sampled below `max_prob`.
+
+    Why: a malformed call is a few sampled choices off the policy's mode (a nested ``{"name"`` where the
+    arguments belong, a stop token before the call) followed by tokens it was sure of. Lowering a token
+    moves its mass to the others in proportion to their probability: for an unlikely choice that is mostly
+    the mode, the valid call; for a near-certain continuation it is whatever came second, usually garbage.
+    Without recorded log-probabilities (or with `max_prob` >= 1) every token is pushed down.
+    """
+    if max_prob >= 1.0 or turn.logprobs is None:
+        return list(range(len(turn.token_ids)))
+    bound = math.log(max_prob)
+    return [i for i, logprob in enumerate(turn.logprobs) if logprob < bound]
 
 
 def _std(values: list[float]) -> float:
@@ -109,21 +139,20 @@ def group_advantages(rewards: list[float], scale: float | None = None) -> list[f
 
 
 def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage: float = 0.0,
-                    refusal_credit: str = "run") -> list[Sequence]:
+                    refusal_credit: str = "run", rejected_token_max_prob: float = 1.0) -> list[Sequence]:
     """The turns of one rollout as few sequences as their token ids allow.
 
     A turn whose prompt starts with the previous sequence (previous prompt + what was generated) is
     appended to it, so a rollout is usually one forward pass; when the chat template re-rendered the
     earlier reply differently (another tokenisation of the same text), a new sequence starts from the
     turn's own prompt, so every generated token is scored in exactly the context it was sampled in.
-    A turn the graph refused gets ``advantage - rejected_turn_advantage`` on its tokens, and with
-    `refusal_credit` "first" some turns are context only (module doc); a sequence left with no policy
-    token is not returned.
+    Each turn's tokens carry its `turn_advantages` (None: context only); a refused turn pushed down
+    carries it on its `pushed_down_positions` only. A sequence left with no policy token is not returned.
     """
     out: list[Sequence] = []
     current: Sequence | None = None
     credit = rejected_turn_advantage > 0
-    for turn, trained in zip(turns, turns_with_loss(turns, advantage, refusal_credit)):
+    for turn, turn_advantage in zip(turns, turn_advantages(turns, advantage, refusal_credit, rejected_turn_advantage)):
         if current is not None and turn.prompt_ids[: len(current.ids)] == current.ids and len(turn.prompt_ids) >= len(current.ids):
             ids = list(turn.prompt_ids)
         else:
@@ -132,13 +161,15 @@ def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage
             ids = list(turn.prompt_ids)
         start = len(ids)
         current.ids = ids + list(turn.token_ids)
-        if not trained:
+        if turn_advantage is None:
             continue
-        current.positions.extend(range(start, start + len(turn.token_ids)))
+        kept = (pushed_down_positions(turn, rejected_token_max_prob) if credit and not turn.accepted
+                else list(range(len(turn.token_ids))))
+        current.positions.extend(start + i for i in kept)
         if current.turn_credit is not None:
-            current.turn_credit.extend([0.0 if turn.accepted else -rejected_turn_advantage] * len(turn.token_ids))
+            current.turn_credit.extend([turn_advantage - advantage] * len(kept))
         if current.old_logprobs is not None and turn.logprobs is not None:
-            current.old_logprobs.extend(turn.logprobs)
+            current.old_logprobs.extend(turn.logprobs[i] for i in kept)
         else:
             current.old_logprobs = None
     return [sequence for sequence in out if sequence.positions]
@@ -146,7 +177,8 @@ def build_sequences(turns: list[Turn], advantage: float, rejected_turn_advantage
 
 def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
                       rejected_turn_advantage: float = 0.0, refusal_credit: str = "run",
-                      negative_advantage_scale: float = 1.0) -> tuple[list[Sequence], int]:
+                      negative_advantage_scale: float = 1.0,
+                      rejected_token_max_prob: float = 1.0) -> tuple[list[Sequence], int]:
     """Training sequences of every group with signal, and the number of groups dropped for zero spread.
 
     With `rejected_turn_advantage` > 0, refused turns carry signal of their own (module doc), so a flat
@@ -174,7 +206,8 @@ def rollout_sequences(groups: list[list[Rollout]], scale_rewards: str = "group",
                 advantage *= negative_advantage_scale
                 if advantage == 0 and rejected_turn_advantage == 0:
                     continue
-            sequences.extend(build_sequences(rollout.turns, advantage, rejected_turn_advantage, refusal_credit))
+            sequences.extend(build_sequences(rollout.turns, advantage, rejected_turn_advantage, refusal_credit,
+                                             rejected_token_max_prob))
     return sequences, dropped
 
 
