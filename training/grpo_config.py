@@ -46,7 +46,8 @@ class GRPOJobConfig:
         heldout_tasks / heldout_seed / eval_generations: The held-out set (the `eval policy` tasks of that
             seed) and the rollouts per held-out task for the before/after reward.
         rejected_turn_advantage: Turn-level credit c >= 0 (ours, not TRL's): the tokens of a turn the graph
-            refused get the run's advantage minus c (`training.grpo_loss`); 0 is DESIGN §6's run-level update.
+            refused get the run's advantage minus c (with ``refusal_credit: first``: the run's first refused
+            turn only, with min(A, 0) - c; `training.grpo_loss`); 0 is DESIGN §6's run-level update.
         rejected_token_max_prob: With c > 0, push down only the refused turn's tokens that were sampled
             with probability below this (ours; 1.0: all of them), so the call syntax the policy was sure
             of is not pushed towards garbage (`training.grpo_loss.pushed_down_positions`).
