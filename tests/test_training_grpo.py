@@ -259,6 +259,9 @@ def test_first_refusal_is_pushed_down_on_its_unlikely_tokens_only_whatever_the_r
     kept, dropped = rollout_sequences([flat], "none", rejected_turn_advantage=1.0, refusal_credit="first",
                                       rejected_token_max_prob=0.5)
     assert dropped == 0 and [pushed(s) for s in kept] == [{13: -1.0}]  # not the copy, not the clean run
+    at_mean = rollout_sequences([[rollout(1.0, (True, False)), rollout(0.5, (True,)), rollout(1.5, (True,))]], "none",
+                                refusal_credit="first")[0]
+    assert pushed(at_mean[0]) == {10: 0.0, 11: 0.0, 12: 0.0, 13: 0.0}  # without c: A = 0 keeps the KL term on every turn
     unrecorded = Turn([1, 2], [3, 4], None, False)
     assert pushed_down_positions(unrecorded, 0.5) == [0, 1]  # no log-probabilities: every token
 

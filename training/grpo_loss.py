@@ -104,6 +104,8 @@ def turn_advantages(turns: list[Turn], advantage: float, refusal_credit: str = "
         out = [advantage if turn.accepted and not turn.repeats else None for turn in turns]
     elif advantage < 0:
         out = [advantage if i <= first_refused else None for i in range(len(turns))]
+    elif c == 0:  # a run exactly at its group's mean: its tokens carry the KL term only, as before session 14
+        out = [0.0] * len(turns)
     if c > 0 and first_invalid is not None:
         out[first_invalid] = min(advantage, 0.0) - c
     return out
