@@ -534,9 +534,76 @@ def test_config_errors_name_the_problem(tmp_path):
         GRPOJobConfig(output_dir="x", refusal_credit="last")
     with pytest.raises(GRPOConfigError, match="negative_advantage_scale"):
         GRPOJobConfig(output_dir="x", negative_advantage_scale=1.5)
+    with pytest.raises(GRPOConfigError, match="validation_seed"):
+        GRPOJobConfig(output_dir="x", validation_tasks=2, validation_seed=0)
+    with pytest.raises(GRPOConfigError, match="validate_every"):
+        GRPOJobConfig(output_dir="x", validation_tasks=2, validate_every=0)
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_selector_keeps_the_strictly_best_policy_and_survives_a_checkpoint(tmp_path):
+    import torch
+
+    from training.grpo_selection import CheckpointSelector
+
+    model = tiny_llama(layers=1)
+    for name, p in model.named_parameters():
+        p.requires_grad = "layers.0.mlp" in name
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    selector = CheckpointSelector()
+    summary = lambda reward: {"reward_mean": reward, "reward_std": 0.1}
+    assert selector.offer(0, summary(1.0), model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    assert not selector.offer(5, summary(0.9), model) and not selector.offer(6, summary(1.0), model)  # a tie stays
+    assert selector.restore_best(model) == 0
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2.0)
+    better = {k: v.clone() for k, v in model.state_dict().items()}
+    assert selector.offer(8, summary(1.2), model)
+    record = selector.save(tmp_path)
+    reloaded = CheckpointSelector.load(tmp_path, json.loads(json.dumps(record)))
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    assert reloaded.restore_best(model) == 8 and [r["best_step"] for r in reloaded.history] == [0, 0, 0, 8]
+    assert all(torch.equal(v, better[k]) for k, v in model.state_dict().items())
+    assert CheckpointSelector.load(tmp_path, None).restore_best(model) is None
+
+
+def test_validation_scores_the_start_and_every_n_steps_keeps_the_best_and_resumes(tiny, tmp_path, sample_dir,
+                                                                                  likelihood_reward):
+    import shutil
+
+    from training.grpo import make_task_sets, make_validation_tasks
+
+    tiny_copy = tmp_path / "tiny"
+    shutil.copytree(tiny, tiny_copy)
+    start = trained_tensors(tiny_copy)
+    config_file = tmp_path / "grpo.yaml"
+    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0, "learning_rate": 0.05,
+              "max_steps": 3, "validation_tasks": 1, "validate_every": 2}
+    config_file.write_text(yaml.safe_dump(fields))
+    assert main(["train", "grpo", "--config", str(config_file), "--max-steps", "2"]) == 0
+    out = Path(fields["output_dir"])
+    config = GRPOJobConfig(**fields)
+    validation = make_validation_tasks(config, tmp_path / "t")
+    train, heldout = make_task_sets(config, tmp_path / "t")
+    assert {t.image for t in validation}.isdisjoint({t.image for t in train} | {t.image for t in heldout})
+    steps = [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert steps == [0, 0, 2, 2]  # the start, then every 2 steps, eval_generations rollouts each
+    assert main(["train", "grpo", "--config", str(config_file), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()]
+    assert steps == [0, 0, 2, 2, 3, 3]  # resumed: the last step (max_steps) is scored, nothing twice
+    summary = json.loads((out / "grpo_summary.json").read_text())
+    rewards = [row["reward_mean"] for row in summary["validation"]]
+    assert [row["step"] for row in summary["validation"]] == [0, 2, 3]
+    assert summary["selected_step"] == [0, 2, 3][rewards.index(max(rewards))]  # the first of the best
+    changed = [k for k, v in trained_tensors(out / "final").items() if not (v == start[k]).all()]
+    assert (summary["selected_step"] == 0) == (not changed)  # the start kept: final/ is the start model
+    assert (out / "reward_curve.png").stat().st_size > 1000
 
 
 def test_eval_grpo_pairs_two_policies_on_another_heldout_set(tiny, tmp_path, sample_dir, capsys):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
 from training.grpo_rollouts import paired_difference, reward_summary, run_groups
+from training.grpo_selection import CheckpointSelector
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ STEPS_FILE = "rewards.jsonl"
 ROLLOUTS_FILE = "rollouts.jsonl"
 CURVE_FILE = "reward_curve.png"
 SUMMARY_FILE = "grpo_summary.json"
+VALIDATION_FILE = "validation.jsonl"
 FINAL = "final"
 
 
@@ -58,8 +61,22 @@ def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list
         raise GRPOConfigError("train_sample_seed must differ from heldout_seed (the held-out images come from it)")
     heldout = make_tasks(folder / "heldout", config.heldout_tasks, seed=config.heldout_seed, size=config.image_size)
     train = make_tasks(folder / "train", config.train_tasks, seed=config.train_sample_seed, size=config.image_size)
-    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.image_size, (config.heldout_seed,)))
+    kept_out = (config.heldout_seed, config.validation_seed) if config.validation_tasks else (config.heldout_seed,)
+    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.image_size, kept_out))
     return train, heldout
+
+
+def make_validation_tasks(config: GRPOJobConfig, folder: Path) -> list[Any]:
+    """The validation tasks (none when `validation_tasks` is 0); raises if an image is a held-out one."""
+    from evals.policy_eval import make_tasks
+    from training.data import check_disjoint, eval_image_hashes
+
+    if not config.validation_tasks:
+        return []
+    tasks = make_tasks(folder / "validation", config.validation_tasks, seed=config.validation_seed,
+                       size=config.image_size)
+    check_disjoint(sorted({Path(t.image) for t in tasks}), eval_image_hashes(config.image_size, (config.heldout_seed,)))
+    return tasks
 
 
 def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
@@ -78,10 +95,10 @@ def trained_parameters(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> Path:
-    """Write the trained tensors, the optimizer and the trainer state; the folder is replaced atomically."""
-    import shutil
-
+def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, Any],
+                    selector: CheckpointSelector | None = None) -> Path:
+    """Write the trained tensors, the optimizer, the trainer state and the validation's best policy so far;
+    the folder is replaced atomically."""
     import torch
     from safetensors.torch import save_file
 
@@ -90,7 +107,8 @@ def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, A
     work.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in trained_parameters(model).items()}, str(work / TRAINED_FILE))
     torch.save(optimizer.state_dict(), work / OPTIMIZER_FILE)
-    (work / STATE_FILE).write_text(json.dumps(state, indent=1))
+    selection = selector.save(work) if selector is not None and selector.history else None
+    (work / STATE_FILE).write_text(json.dumps({**state, "selection": selection}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     work.rename(folder)
     return folder
@@ -122,10 +140,30 @@ def evaluate(config: GRPOJobConfig, tasks: list[Any], out: Path, label: str, pro
     return summary
 
 
+def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, local: Any | None,
+             selector: CheckpointSelector, model: Any, progress: bool) -> dict[str, Any]:
+    """Score the policy after `step` updates on the validation tasks and offer it to the selector.
+
+    The rows go to ``validation.jsonl`` with their step; the same tasks and run seeds every time, so the
+    policies are compared on paired rollouts.
+    """
+    t0 = time.perf_counter()
+    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / "validation",
+                        config.weights, workers=config.workers, progress=progress, desc=f"validation after step {step}")
+    shutil.rmtree(out / "runs" / "validation", ignore_errors=True)
+    if local is not None:  # its caches would be reused across policies otherwise
+        local.enable_prefix_cache(config.prefix_cache)
+    summary = reward_summary(groups)
+    improved = selector.offer(step, summary, model)
+    _append_jsonl(out / VALIDATION_FILE, [{"step": step, **r.log_row()} for g in groups for r in g])
+    logger.info("validation after step %d: reward %.3f (std %.3f)%s, %.0fs", step, summary["reward_mean"],
+                summary["reward_std"], ", the best so far" if improved else f"; best: step {selector.best_step}",
+                time.perf_counter() - t0)
+    return {**summary, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run GRPO as configured; return the summary also written to ``output_dir/grpo_summary.json``."""
-    import shutil
-
     import torch
 
     from graph.policies.local_model import load_local_model
@@ -151,16 +189,19 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     train_tasks, heldout = make_task_sets(config, out / "tasks")
     guard = UpdateGuard(model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
                         config.guard_backtracks)
+    validation = make_validation_tasks(config, out / "tasks")
+    selector = CheckpointSelector()
     state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
     if resume:
         state = load_checkpoint(out / CHECKPOINT, model, optimizer)
         guard.restore(state.pop("guard_probes", []))
+        selector = CheckpointSelector.load(out / CHECKPOINT, state.pop("selection", None))
         trim_logs_to_checkpoint(out, state["step"], before_done=state["before"] is not None)
         logger.info("resumed at step %d from %s", state["step"], out / CHECKPOINT)
         if config.rollout_backend == "openai":
             sync_weights(config, model, out / "sync")
     else:
-        for name in (STEPS_FILE, ROLLOUTS_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
+        for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
             (out / name).unlink(missing_ok=True)
     started = time.perf_counter()
     if config.evaluate_before_after and state["before"] is None:
@@ -168,6 +209,9 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     gas = trl_args.gradient_accumulation_steps
     train_started = time.perf_counter() - state["train_seconds"]
     stopped_by_time = False
+    validation_seconds = 0.0  # the forecast of one validation, reserved so the last one fits the time limit
+    if validation and selector.last_step() is None:
+        validation_seconds = validate(config, validation, out, 0, local, selector, model, progress)["seconds"]
     for step in range(state["step"], trl_args.max_steps):
         t0 = time.perf_counter()
         tasks = [train_tasks[(step * config.tasks_per_step + j) % len(train_tasks)] for j in range(config.tasks_per_step)]
@@ -203,27 +247,43 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
                     row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
         state["step"] = step + 1
-        state["train_seconds"] = time.perf_counter() - train_started
-        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None)
         if config.rollout_backend == "openai" and config.weight_sync != "none":
             sync_weights(config, model, out / "sync")
-        limit_hit = not next_step_fits(state["train_seconds"], state["history"], config.time_limit_s)
+        reserve = validation_seconds if validation else 0.0
+        limit_hit = not next_step_fits(time.perf_counter() - train_started + reserve, state["history"],
+                                       config.time_limit_s)
+        if validation and (state["step"] % config.validate_every == 0 or state["step"] == trl_args.max_steps
+                           or limit_hit):
+            validation_seconds = validate(config, validation, out, state["step"], local, selector, model,
+                                          progress)["seconds"]
+        state["train_seconds"] = time.perf_counter() - train_started
+        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, selector.history)
         if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()})
+            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()},
+                            selector)
         if limit_hit:
             stopped_by_time = True
             logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step was "
                            "forecast at %.0f s)", config.time_limit_s, step + 1, state["train_seconds"],
                            expected_step_seconds(state["history"]))
             break
+    if validation and selector.last_step() != state["step"]:  # stopped early: the last policy is a candidate too
+        validate(config, validation, out, state["step"], local, selector, model, progress)
+    selected_step = selector.restore_best(model)
+    if selected_step is not None:
+        logger.info("selected the policy after step %s of %d (validation reward %.3f)", selected_step, state["step"],
+                    selector.best_reward)
+        if local is not None:
+            local.enable_prefix_cache(config.prefix_cache)
     after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
-    plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after)
+    plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after, selector.history)
     _save_final(model if adapters is None else merged_copy(adapters), config, out / FINAL)
     summary = {
         "model": str(config.model), "output_dir": str(out), "final_model": str(out / FINAL),
         "steps": state["step"], "parameters": params, "torch_threads": torch.get_num_threads(),
         "before": state.get("before"), "after": after, "history": state["history"],
         "paired": paired_difference(state["before"], after) if state.get("before") and after else None,
+        "validation": selector.history, "selected_step": selected_step,
         "train_seconds": round(state["train_seconds"], 1), "stopped_by_time_limit": stopped_by_time,
         "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
         "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout],
@@ -275,7 +335,6 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
     ``paired``), the k-th (k >= 2) as ``after<k>``; ``summary["afters"]`` lists every one in order.
     """
     import dataclasses
-    import shutil
 
     import torch
 
@@ -377,7 +436,7 @@ def trim_logs_to_checkpoint(out: Path, step: int, *, before_done: bool) -> None:
     left rows of steps that the resumed run does again. The held-out "after" rows belong to a finished
     run only, and the "before" rows are redone when the checkpoint holds no "before" summary.
     """
-    for name in (STEPS_FILE, ROLLOUTS_FILE):
+    for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE):
         path = out / name
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
@@ -395,15 +454,16 @@ def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def plot_reward_curve(history: list[dict[str, Any]], path: Path, before: dict[str, Any] | None,
-                      after: dict[str, Any] | None) -> Path | None:
-    """A PNG: training reward per step (mean +- std over the step's rollouts), its components, and the
-    held-out reward before and after training with its spread."""
+                      after: dict[str, Any] | None, validation: list[dict[str, Any]] | None = None) -> Path | None:
+    """A PNG: training reward per step (mean +- std over the step's rollouts), its components, the
+    validation reward of the policies scored during the run (the kept one circled), and the held-out
+    reward before and after training with its spread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not history and before is None:
+    if not history and before is None and not validation:
         return None
     steps = [row["step"] for row in history]
     figure, (axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -421,6 +481,12 @@ def plot_reward_curve(history: list[dict[str, Any]], path: Path, before: dict[st
         if guarded:  # 1 = the update kept whole, 0.5 / 0.25 = halved, 0 = undone (training.grpo_guard)
             loss_axis.plot([row["step"] for row in guarded], [row["guard_scale"] for row in guarded], "x",
                            label="update kept (guard)")
+    if validation:
+        axis.plot([row["step"] for row in validation], [row["reward_mean"] for row in validation], "D-", color="purple",
+                  label="validation reward (policy after step)")
+        best = [row for row in validation if row["step"] == validation[-1]["best_step"]]
+        axis.plot([row["step"] for row in best], [row["reward_mean"] for row in best], "o", markersize=14,
+                  markerfacecolor="none", color="purple", label=f"kept: step {validation[-1]['best_step']}")
     for label, summary, x in (("held-out before", before, 0), ("held-out after", after, (steps[-1] if steps else 0) + 1)):
         if summary:
             axis.errorbar([x], [summary["reward_mean"]], yerr=[summary["group_std_mean"]], fmt="s", capsize=4,

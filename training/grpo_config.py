@@ -45,6 +45,10 @@ class GRPOJobConfig:
             sample images of that seed, checked disjoint (by image hash) from the held-out images.
         heldout_tasks / heldout_seed / eval_generations: The held-out set (the `eval policy` tasks of that
             seed) and the rollouts per held-out task for the before/after reward.
+        validation_tasks / validation_seed / validate_every: With `validation_tasks` > 0, a third task set
+            (its own seed, images checked disjoint from the other two) scores the starting policy, the
+            policy every `validate_every` steps and the last one (`eval_generations` rollouts a task), and
+            the run keeps the best of them for `final/` and the held-out "after" (`training.grpo_selection`).
         rejected_turn_advantage: Turn-level credit c >= 0 (ours, not TRL's): the tokens of a turn the graph
             refused get the run's advantage minus c (with ``refusal_credit: first``: the run's first refused
             turn only, with min(A, 0) - c; `training.grpo_loss`); 0 is DESIGN §6's run-level update.
@@ -67,9 +71,9 @@ class GRPOJobConfig:
         batch_generation: Local backend: decode the concurrent rollouts' replies as one batch (one
             forward pass per token for all of them) instead of one at a time.
         save_steps: Save a checkpoint every N optimizer steps (and at the end); `--resume` continues it.
-        time_limit_s: Stop training (not the final evaluation) before a step that is expected to end past
-            this many seconds of training (the forecast: the larger of the mean step and the mean of the
-            last three).
+        time_limit_s: Stop training (not the final evaluation; validations count as training) before a step
+            that is expected to end past this many seconds of training plus one validation (the step
+            forecast: the larger of the mean step and the mean of the last three).
     """
 
     output_dir: str
@@ -103,6 +107,9 @@ class GRPOJobConfig:
     heldout_tasks: int = 4
     heldout_seed: int = 0
     eval_generations: int = 4
+    validation_tasks: int = 0
+    validation_seed: int = 4
+    validate_every: int = 10
     image_size: int = 128
     # Rewards
     reward_task: float = 1.0
@@ -150,6 +157,11 @@ class GRPOJobConfig:
             raise GRPOConfigError("lora_r needs rollout_backend local: the openai weight sync sends full tensors, not adapters")
         if self.guard_probes_per_tool < 0 or self.guard_backtracks < 0:
             raise GRPOConfigError("guard_probes_per_tool and guard_backtracks must be >= 0")
+        if self.validation_tasks < 0 or self.validate_every < 1:
+            raise GRPOConfigError("validation_tasks must be >= 0 and validate_every >= 1")
+        if self.validation_tasks and self.validation_seed in (self.heldout_seed, self.train_sample_seed):
+            raise GRPOConfigError("validation_seed must differ from heldout_seed and train_sample_seed (its images "
+                                  "would be the held-out or training ones)")
         if self.num_generations < 2:
             raise GRPOConfigError("num_generations must be at least 2: advantages are relative to the group")
         from graph.configuration import Configuration
