@@ -487,7 +487,9 @@ def plot_reward_curve(history: list[dict[str, Any]], path: Path, before: dict[st
         best = [row for row in validation if row["step"] == validation[-1]["best_step"]]
         axis.plot([row["step"] for row in best], [row["reward_mean"] for row in best], "o", markersize=14,
                   markerfacecolor="none", color="purple", label=f"kept: step {validation[-1]['best_step']}")
-    for label, summary, x in (("held-out before", before, 0), ("held-out after", after, (steps[-1] if steps else 0) + 1)):
+    after_label = "held-out after (kept policy)" if validation else "held-out after"
+    after_x = (steps[-1] if steps else 0) + 1
+    for label, summary, x in (("held-out before", before, 0), (after_label, after, after_x)):
         if summary:
             axis.errorbar([x], [summary["reward_mean"]], yerr=[summary["group_std_mean"]], fmt="s", capsize=4,
                           label=f"{label} {summary['reward_mean']:.3f}")
