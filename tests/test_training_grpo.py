@@ -600,6 +600,7 @@ def test_validation_scores_the_start_and_every_n_steps_keeps_the_best_and_resume
     summary = json.loads((out / "grpo_summary.json").read_text())
     rewards = [row["reward_mean"] for row in summary["validation"]]
     assert [row["step"] for row in summary["validation"]] == [0, 2, 3]
+    assert all(row["seconds"] > 0 for row in summary["validation"])  # kept across the resume: the time reserve
     assert summary["selected_step"] == [0, 2, 3][rewards.index(max(rewards))]  # the first of the best
     changed = [k for k, v in trained_tensors(out / "final").items() if not (v == start[k]).all()]
     assert (summary["selected_step"] == 0) == (not changed)  # the start kept: final/ is the start model

@@ -36,7 +36,7 @@ from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
 from training.grpo_rollouts import paired_difference, reward_summary, run_groups
-from training.grpo_selection import CheckpointSelector
+from training.grpo_selection import CheckpointSelector, trained_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
     return copy.deepcopy(local.model), None  # the server generates; this copy only trains
 
 
-def trained_parameters(model: Any) -> dict[str, Any]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(folder: Path, model: Any, optimizer: Any, state: dict[str, Any],
                     selector: CheckpointSelector | None = None) -> Path:
     """Write the trained tensors, the optimizer, the trainer state and the validation's best policy so far;
@@ -141,7 +137,7 @@ def evaluate(config: GRPOJobConfig, tasks: list[Any], out: Path, label: str, pro
 
 
 def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, local: Any | None,
-             selector: CheckpointSelector, model: Any, progress: bool) -> dict[str, Any]:
+             selector: CheckpointSelector, model: Any, progress: bool) -> None:
     """Score the policy after `step` updates on the validation tasks and offer it to the selector.
 
     The rows go to ``validation.jsonl`` with their step; the same tasks and run seeds every time, so the
@@ -154,12 +150,11 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
     if local is not None:  # its caches would be reused across policies otherwise
         local.enable_prefix_cache(config.prefix_cache)
     summary = reward_summary(groups)
-    improved = selector.offer(step, summary, model)
+    improved = selector.offer(step, summary, model, seconds=time.perf_counter() - t0)
     _append_jsonl(out / VALIDATION_FILE, [{"step": step, **r.log_row()} for g in groups for r in g])
     logger.info("validation after step %d: reward %.3f (std %.3f)%s, %.0fs", step, summary["reward_mean"],
                 summary["reward_std"], ", the best so far" if improved else f"; best: step {selector.best_step}",
-                time.perf_counter() - t0)
-    return {**summary, "seconds": round(time.perf_counter() - t0, 1)}
+                selector.last_seconds())
 
 
 def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -209,9 +204,8 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
     gas = trl_args.gradient_accumulation_steps
     train_started = time.perf_counter() - state["train_seconds"]
     stopped_by_time = False
-    validation_seconds = 0.0  # the forecast of one validation, reserved so the last one fits the time limit
     if validation and selector.last_step() is None:
-        validation_seconds = validate(config, validation, out, 0, local, selector, model, progress)["seconds"]
+        validate(config, validation, out, 0, local, selector, model, progress)
     for step in range(state["step"], trl_args.max_steps):
         t0 = time.perf_counter()
         tasks = [train_tasks[(step * config.tasks_per_step + j) % len(train_tasks)] for j in range(config.tasks_per_step)]
@@ -249,13 +243,12 @@ def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = 
         state["step"] = step + 1
         if config.rollout_backend == "openai" and config.weight_sync != "none":
             sync_weights(config, model, out / "sync")
-        reserve = validation_seconds if validation else 0.0
-        limit_hit = not next_step_fits(time.perf_counter() - train_started + reserve, state["history"],
-                                       config.time_limit_s)
+        # the last validation's time is reserved, so the one after the last step still fits the limit
+        limit_hit = not next_step_fits(time.perf_counter() - train_started + selector.last_seconds(),
+                                       state["history"], config.time_limit_s)
         if validation and (state["step"] % config.validate_every == 0 or state["step"] == trl_args.max_steps
                            or limit_hit):
-            validation_seconds = validate(config, validation, out, state["step"], local, selector, model,
-                                          progress)["seconds"]
+            validate(config, validation, out, state["step"], local, selector, model, progress)
         state["train_seconds"] = time.perf_counter() - train_started
         plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, selector.history)
         if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:

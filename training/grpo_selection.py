@@ -20,9 +20,14 @@ from typing import Any
 BEST_FILE = "best_trained.safetensors"
 
 
+def trained_parameters(model: Any) -> dict[str, Any]:
+    """The tensors the run trains (LoRA adapters or the unfrozen layers), by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def trained_state(model: Any) -> dict[str, Any]:
-    """A detached CPU copy of the tensors the run trains (LoRA adapters or the unfrozen layers)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    """A detached CPU copy of `trained_parameters`."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in trained_parameters(model).items()}
 
 
 def load_trained_state(model: Any, state: dict[str, Any]) -> None:
@@ -47,18 +52,23 @@ class CheckpointSelector:
     best_reward: float | None = None
     best_state: dict[str, Any] | None = None
 
-    def offer(self, step: int, summary: dict[str, Any], model: Any) -> bool:
-        """Record the validation `summary` of the policy after `step` updates; keep it if strictly best."""
+    def offer(self, step: int, summary: dict[str, Any], model: Any, seconds: float = 0.0) -> bool:
+        """Record the validation `summary` of the policy after `step` updates (it took `seconds`); keep the
+        policy if strictly best."""
         reward = float(summary["reward_mean"])
         improved = self.best_reward is None or reward > self.best_reward + 1e-9
         if improved:
             self.best_step, self.best_reward, self.best_state = step, reward, trained_state(model)
         self.history.append({"step": step, "reward_mean": round(reward, 5), "reward_std": round(summary["reward_std"], 5),
-                             "best_step": self.best_step})
+                             "best_step": self.best_step, "seconds": round(seconds, 1)})
         return improved
 
     def last_step(self) -> int | None:
         return self.history[-1]["step"] if self.history else None
+
+    def last_seconds(self) -> float:
+        """How long the last validation took: the time a run reserves for the next one (0 before any)."""
+        return self.history[-1].get("seconds", 0.0) if self.history else 0.0
 
     def restore_best(self, model: Any) -> int | None:
         """Put the best policy's tensors into `model`; returns its step (None when nothing was validated)."""
