@@ -17,6 +17,7 @@ from langgraph.types import Checkpointer
 from graph.configuration import Configuration, RunSettings
 from graph.nodes import FINALIZE, POLICY, TOOL_NODES, finalize_node, policy_node, route_from_policy
 from graph.state import AgentInput, AgentOutput, AgentState
+from graph.tracing import configure_tracing
 
 
 def build_graph(checkpointer: Checkpointer = None, *, served: bool = False):
@@ -26,6 +27,7 @@ def build_graph(checkpointer: Checkpointer = None, *, served: bool = False):
     `served`: a graph for a server's callers: `run_dir` must stay inside `run_root`, and a run may not
     set the server's folders (`graph.configuration.DEPLOYMENT_SETTINGS`).
     """
+    configure_tracing()
     builder = StateGraph(AgentState, input_schema=AgentInput, output_schema=AgentOutput, context_schema=RunSettings)
     builder.add_node(POLICY, partial(policy_node, served=served))
     for name, node in TOOL_NODES.items():

@@ -19,7 +19,7 @@ from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.runtime import Runtime
 
-from graph import prompts
+from graph import prompts, tracing
 from graph.configuration import Configuration, ConfigurationError, RunSettings, run_configuration
 from graph.policies import PolicyError, get_policy
 from graph.run_inputs import RunInputError, check_seed, resolve_run_dir
@@ -115,12 +115,16 @@ def policy_node(state: AgentState, config: RunnableConfig, runtime: Runtime[RunS
         return {"next": FINALIZE}  # a tool's backend failed: nothing the policy can do about it
     update: dict[str, Any] = start_run(state, cfg, confined=served) if not state.get("images") else {}
     view: AgentState = {**state, **update}  # type: ignore[typeddict-item]
+    name, tags, metadata = tracing.run_labels(view, cfg)
+    if update:
+        tracing.label_graph_run(config, name, tags, metadata)
     if view.get("steps", 0) >= cfg.max_steps:
         return {**update, "status": "budget_exhausted", "next": FINALIZE}
 
     started = time.perf_counter()
     try:
-        message = get_policy(cfg).decide(view, cfg)
+        message = tracing.traced_policy_call(config, cfg, list(view.get("messages", [])),
+                                             lambda: get_policy(cfg).decide(view, cfg), tags, metadata)
     except PolicyError as error:
         # A dead endpoint or a model that cannot load: end this run (finalize keeps the best image so
         # far and records why), so a batch goes on with its next sample instead of crashing or hanging.
@@ -188,16 +192,19 @@ def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Config
         cfg = run_configuration(config, runtime.context)
         call = state["pending_call"]
         started = time.perf_counter()
-        try:
-            observation, update = run(state, call["args"], cfg)
-        except ToolFailure as failure:
-            observation, update = prompts.error_observation(str(failure)), {}
-        except (BackendUnavailableError, ConfigurationError) as error:
-            # The backend itself is down or misconfigured: end the run (finalize keeps the best image
-            # so far) instead of crashing the batch; `batch --resume` reruns it.
-            logger.error("%s backend failed; ending the run: %s", name, error)
-            observation = prompts.error_observation(f"the {name} backend failed: {error}")
-            update = {"status": "backend_error", "error": str(error)}
+        _, tags, metadata = tracing.run_labels(state, cfg)
+        with tracing.tool_run(config, name, call["args"], tags, metadata) as traced:
+            try:
+                observation, update = run(state, call["args"], cfg)
+            except ToolFailure as failure:
+                observation, update = prompts.error_observation(str(failure)), {}
+            except (BackendUnavailableError, ConfigurationError) as error:
+                # The backend itself is down or misconfigured: end the run (finalize keeps the best image
+                # so far) instead of crashing the batch; `batch --resume` reruns it.
+                logger.error("%s backend failed; ending the run: %s", name, error)
+                observation = prompts.error_observation(f"the {name} backend failed: {error}")
+                update = {"status": "backend_error", "error": str(error)}
+            traced.on_tool_end(observation)
         message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
         return {
             **update,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from trace_recorder import TraceRecorder
 
 REPO = Path(__file__).parents[1]
 
@@ -24,8 +26,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A real `langgraph dev` process on a free port, writing under its own run_root; yields (URL, run_root)."""
+def traces():
+    """The LangSmith endpoint the server traces to: a recorder on 127.0.0.1."""
+    with TraceRecorder() as recorder:
+        yield recorder
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, traces):
+    """A real `langgraph dev` process on a free port, writing under its own run_root and tracing to
+    `traces`; yields (URL, run_root)."""
     tmp_path = tmp_path_factory.mktemp("served")
     port = _free_port()
     log = tmp_path / "server.log"
@@ -33,7 +43,9 @@ def served(tmp_path_factory):
         **os.environ,
         "LANGGRAPH_CLI_NO_ANALYTICS": "1",
         "LANGGRAPH_NO_VERSION_CHECK": "true",
-        "LANGSMITH_TRACING": "false",
+        "LANGSMITH_TRACING": "true",
+        "LANGSMITH_ENDPOINT": traces.url,
+        "LANGSMITH_API_KEY": "dummy",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "ANOMALY_AGENT_RUN_ROOT": str(tmp_path / "runs"),
@@ -156,3 +168,26 @@ def test_bad_seed_and_unwritable_run_dir_name_the_field(served, client, sample_d
     (served[1] / "a-file").write_text("not a folder")
     message = _error(client, sample_dir, {"run_dir": "a-file/run"})
     assert "input 'run_dir': cannot write to" in message, message
+
+
+@pytest.mark.integration
+def test_a_served_run_with_a_data_url_is_traced_by_its_task_without_pixels(client, traces, sample_dir):
+    from tools.imaging import encode_data_url, load_image
+
+    image = encode_data_url(load_image(_inputs(sample_dir)["image"]))
+    thread = client.threads.create()
+    output = client.runs.wait(thread["thread_id"], "anomaly_agent", input=_inputs(sample_dir, image=image, anomaly_type="color"))
+    assert output["status"] in ("success", "budget_exhausted"), output
+    state = client.threads.get_state(thread["thread_id"])
+    assert "base64," not in json.dumps(state["values"])  # the image is kept once, in the run's image store
+    deadline = time.monotonic() + 60  # the server sends traces in the background
+    while time.monotonic() < deadline:
+        roots = [r for r in traces.runs().values() if r.get("name") == "anomaly-agent metal_nut/color" and r.get("end_time")]
+        if roots:
+            break
+        time.sleep(0.2)
+    assert roots, "no finished trace named after the task"
+    assert roots[0]["extra"]["metadata"]["anomaly_type"] == "color"
+    children = [r for r in traces.runs().values() if r.get("trace_id") == roots[0].get("trace_id")]
+    assert {"tool"} <= {r.get("run_type") for r in children}
+    assert not any(b"base64," in body for body in traces.raw)
