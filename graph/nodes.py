@@ -105,7 +105,9 @@ def start_run(state: AgentState, config: Configuration, *, confined: bool = Fals
     }
 
 
-def policy_node(state: AgentState, config: RunnableConfig, runtime: Runtime[RunSettings], *, served: bool = False) -> dict[str, Any]:
+def policy_node(
+    state: AgentState, config: RunnableConfig, runtime: Runtime[RunSettings], *, served: bool = False
+) -> dict[str, Any]:
     """Ask the policy for its next message and route it: to a tool, back to itself, or to finalize.
 
     `served`: the graph takes its inputs from a server's callers (see `start_run`, `run_configuration`).
