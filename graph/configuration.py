@@ -1,20 +1,25 @@
-"""One `Configuration` for a run, read from defaults, a YAML file, the environment and `configurable`.
+"""One `Configuration` for a run, read from defaults, a YAML file, the environment and the run's settings.
 
 Why layered: the same graph runs from the CLI (flags and `--config FILE`), from Python, and under
-`langgraph dev` / Studio, where the only channel is the run's `configurable` section. Later layers win:
-defaults < YAML file < environment (``ANOMALY_AGENT_<FIELD>``) < ``configurable``. pydantic validates
-the merged result, so a typo fails at the start of a run with the field's name, not mid-way.
+`langgraph dev` / Studio, where the only channel is the run's context (LangGraph 1.x `context_schema`,
+`RunSettings` here) or, for older callers, its `configurable` section. Later layers win:
+defaults < YAML file < environment (``ANOMALY_AGENT_<FIELD>``) < ``configurable`` < context. pydantic
+validates the merged result once per run (`run_configuration`), so a typo fails at the start of a run
+with the field's name and the closest known one, not mid-way.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from langchain_core.runnables import RunnableConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "ANOMALY_AGENT_"
 CONFIG_FILE_ENV = "ANOMALY_AGENT_CONFIG"
@@ -29,11 +34,23 @@ class Configuration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_names(cls, data: Any) -> Any:
+        """Refuse unknown names with the closest known one (pydantic's own message names only the key)."""
+        if isinstance(data, dict):
+            unknown = sorted(k for k in data if k not in cls.model_fields)
+            if unknown:
+                raise ValueError(unknown_setting_message(unknown[0], cls.model_fields))
+        return data
+
     # Policy
-    policy: Literal["scripted", "openai", "local"] = "scripted"
+    policy: Literal["scripted", "openai", "local"] = Field(
+        default="scripted", description="Who decides the next tool call: scripted (expert protocol), openai (endpoint), local (model folder)."
+    )
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint for the openai policy.")
     model: str | None = Field(default=None, description="Model name (openai) or local folder (local).")
-    api_key: str = "EMPTY"
+    api_key: str = Field(default="EMPTY", description="API key sent to the openai policy's endpoint.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="Policy sampling temperature; 0 is greedy.")
     max_tokens: int = Field(default=256, ge=1, le=32768, description="Most tokens the policy may write per turn.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout for model endpoints.")
@@ -48,15 +65,17 @@ class Configuration(BaseModel):
     )
 
     # Budget (DESIGN §3)
-    max_steps: int = Field(default=10, ge=1, le=100)
-    max_image_gens: int = Field(default=3, ge=1, le=20)
+    max_steps: int = Field(default=10, ge=1, le=100, description="Most tool calls in a run; then it ends with the best image.")
+    max_image_gens: int = Field(default=3, ge=1, le=20, description="Most image_gen calls in a run.")
 
     # Tool backends
-    prompt_backend: Literal["template", "llm"] = "template"
-    image_backend: Literal["procedural", "diffusers", "endpoint"] = "procedural"
-    judge_backend: Literal["metric", "vlm"] = "metric"
-    knowledge_backend: Literal["chroma"] = "chroma"
-    mask_backend: Literal["change", "sam"] = "change"
+    prompt_backend: Literal["template", "llm"] = Field(default="template", description="PG: templates, or an LLM endpoint.")
+    image_backend: Literal["procedural", "diffusers", "endpoint"] = Field(
+        default="procedural", description="IG: procedural (CPU), a local diffusers pipeline, or an image-edit endpoint."
+    )
+    judge_backend: Literal["metric", "vlm"] = Field(default="metric", description="QE: image metrics, or a VLM endpoint.")
+    knowledge_backend: Literal["chroma"] = Field(default="chroma", description="KR: the chromadb knowledge base.")
+    mask_backend: Literal["change", "sam"] = Field(default="change", description="MG: change mask, or a local SAM checkpoint.")
     pass_location: float = Field(default=3.0, ge=0, le=5, description="QE location score needed to pass.")
     pass_quality: float = Field(default=3.0, ge=0, le=5, description="QE quality score needed to pass.")
     prompt_base_url: str | None = Field(default=None, description="Endpoint for prompt_backend llm; default: base_url.")
@@ -91,10 +110,16 @@ class Configuration(BaseModel):
     )
 
     # Storage
-    run_root: str = Field(default="runs", description="Where runs without an explicit run_dir write.")
-    kb_path: str | None = Field(default=None, description="chromadb folder; default: the user cache.")
-    return_data_urls: bool = False
-    seed: int = 0
+    run_root: str = Field(
+        default="runs",
+        description="Folder every served run writes under (relative: to the working directory); a served run's run_dir "
+        "is a path inside it. Set by whoever runs the server (YAML file or $ANOMALY_AGENT_RUN_ROOT), not by a run.",
+    )
+    kb_path: str | None = Field(
+        default=None, description="chromadb folder; default: the user cache. Set by whoever runs the server, not by a run."
+    )
+    return_data_urls: bool = Field(default=False, description="Also return the anomaly image and mask as PNG data URLs.")
+    seed: int = Field(default=0, description="Seed of a run whose input gives none; the same seed repeats a run.")
 
     @classmethod
     def load(cls, *, config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> "Configuration":
@@ -118,16 +143,106 @@ class Configuration(BaseModel):
         try:
             return cls(**merged)
         except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "configuration"
-            raise ConfigurationError(f"invalid configuration '{where}': {first['msg']}") from None
+            raise ConfigurationError(validation_message(error)) from None
 
     @classmethod
     def from_runnable_config(cls, config: RunnableConfig | None = None) -> "Configuration":
         """The configuration of a graph run, from its ``configurable`` section and the lower layers."""
-        configurable = dict((config or {}).get("configurable") or {})
-        known = {k: v for k, v in configurable.items() if k in cls.model_fields or k == "config_file"}
-        return cls.load(overrides=known)
+        return run_configuration(config)
+
+
+class RunSettings(Configuration):
+    """A run's settings (the graph's ``context_schema``): any `Configuration` field, plus a preset or YAML file.
+
+    Only the fields a caller sets count (``model_fields_set``); the rest come from the lower layers.
+    """
+
+    config_file: str | None = Field(
+        default=None, description="A shipped preset (e.g. gpu-open) or YAML file: a layer below these settings."
+    )
+
+
+#: Per-run settings a served run may not change: they name folders on the server (DESIGN §3).
+DEPLOYMENT_SETTINGS = ("run_root", "kb_path")
+
+
+def unknown_setting_message(name: str, known: Any) -> str:
+    """``unknown setting 'max_step' (did you mean 'max_steps'?)``: one line naming the closest known name."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"unknown setting '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+
+
+def validation_message(error: ValidationError) -> str:
+    """One line naming the field of pydantic's first complaint."""
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid configuration '{where}': {message}" if where else f"invalid configuration: {message}"
+
+
+def run_configuration(config: RunnableConfig | None = None, context: Any = None, *, served: bool = False) -> Configuration:
+    """The validated configuration of a graph run: the lower layers, then ``configurable``, then the context.
+
+    Why strict about names: ``configurable`` is shared with LangGraph (thread_id, checkpoint ids), so an
+    unknown key there is refused only when it is close to a setting (a typo like ``max_step``); the
+    context belongs to this graph alone, so any unknown name there is refused. A served run (`served`)
+    may name a shipped preset, not a file, and may not set `DEPLOYMENT_SETTINGS`.
+
+    The result is cached on its inputs (file contents by modification time, environment, settings), so the
+    layers are read and validated once per run rather than once per node.
+    """
+    settings = _configurable_settings((config or {}).get("configurable") or {})
+    settings.update(_context_settings(context))
+    if served:
+        for name in DEPLOYMENT_SETTINGS:
+            if name in settings:
+                raise ConfigurationError(f"setting '{name}' belongs to the server's configuration, not to a run")
+        preset = settings.get("config_file")
+        if preset is not None and preset not in presets():
+            raise ConfigurationError(f"setting 'config_file' must be one of the presets: {', '.join(presets())}")
+    config_file = settings.get("config_file") or os.environ.get(CONFIG_FILE_ENV)
+    stamp = _file_stamp(config_file)
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+    key = json.dumps(settings, sort_keys=True, default=repr)
+    return _load_cached(key, env, stamp).model_copy(deep=True)
+
+
+@lru_cache(maxsize=64)
+def _load_cached(settings_json: str, env: tuple[tuple[str, str], ...], file_stamp: Any) -> Configuration:
+    """`Configuration.load` of the JSON-encoded settings; `env` and `file_stamp` only key the cache."""
+    return Configuration.load(overrides=json.loads(settings_json))
+
+
+def _file_stamp(config_file: str | None) -> Any:
+    if not config_file:
+        return None
+    path = preset_path(config_file)
+    try:
+        return str(path.resolve()), path.stat().st_mtime_ns
+    except OSError:
+        return str(path), None
+
+
+def _configurable_settings(configurable: dict[str, Any]) -> dict[str, Any]:
+    known = set(RunSettings.model_fields)
+    for key in configurable:
+        if isinstance(key, str) and key not in known and not key.startswith("__"):
+            if difflib.get_close_matches(key, known, n=1, cutoff=0.85):
+                raise ConfigurationError(unknown_setting_message(key, known))
+    return {k: v for k, v in configurable.items() if k in known and v is not None}
+
+
+def _context_settings(context: Any) -> dict[str, Any]:
+    if context is None:
+        return {}
+    if isinstance(context, BaseModel):
+        return {k: getattr(context, k) for k in context.model_fields_set if getattr(context, k) is not None}
+    if not isinstance(context, dict):
+        raise ConfigurationError(f"the run's context must be a mapping of settings, not {type(context).__name__}")
+    for key in context:
+        if key not in RunSettings.model_fields:
+            raise ConfigurationError(unknown_setting_message(str(key), RunSettings.model_fields))
+    return {k: v for k, v in context.items() if v is not None}
 
 
 #: Named configurations shipped with the package (``--config gpu-open``): graph/presets/<name>.yaml.

@@ -1,27 +1,35 @@
 """The agent as a LangGraph StateGraph: policy -> tool -> policy ... -> finalize (DESIGN §3).
 
-`graph` is compiled without a checkpointer, as `langgraph dev` and the LangGraph server want (they
-bring their own). Scripts and batch runs call `build_graph(checkpointer=...)` with a SqliteSaver so an
-interrupted run resumes from its last step.
+`graph` is the served graph (`langgraph.json`): compiled without a checkpointer, as `langgraph dev` and
+the LangGraph server want (they bring their own), and it takes its inputs from anyone who can reach the
+server, so its runs write only under `run_root` and may not change the server's folders. Scripts and
+batch runs call `build_graph(checkpointer=...)` with a SqliteSaver so an interrupted run resumes from
+its last step. Run settings are the graph's context (`RunSettings`); `configurable` is still read.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Checkpointer
 
-from graph.configuration import Configuration
+from graph.configuration import Configuration, RunSettings
 from graph.nodes import FINALIZE, POLICY, TOOL_NODES, finalize_node, policy_node, route_from_policy
 from graph.state import AgentInput, AgentOutput, AgentState
+from graph.tracing import configure_tracing
 
 
-def build_graph(checkpointer: Checkpointer = None):
+def build_graph(checkpointer: Checkpointer = None, *, served: bool = False):
     """Compile the agent graph, with `checkpointer` if given.
 
     Nodes: policy, prompt_gen, image_gen, quality_eval, knowledge_retrieval, mask_gen, finalize.
+    `served`: a graph for a server's callers: `run_dir` must stay inside `run_root`, and a run may not
+    set the server's folders (`graph.configuration.DEPLOYMENT_SETTINGS`).
     """
-    builder = StateGraph(AgentState, input_schema=AgentInput, output_schema=AgentOutput, context_schema=None)
-    builder.add_node(POLICY, policy_node)
+    configure_tracing()
+    builder = StateGraph(AgentState, input_schema=AgentInput, output_schema=AgentOutput, context_schema=RunSettings)
+    builder.add_node(POLICY, partial(policy_node, served=served))
     for name, node in TOOL_NODES.items():
         builder.add_node(name, node)
         builder.add_edge(name, POLICY)
@@ -40,4 +48,4 @@ def recursion_limit(config: Configuration) -> int:
     return 2 * config.max_steps + 10
 
 
-graph = build_graph()
+graph = build_graph(served=True)

@@ -17,10 +17,12 @@ from typing import Any, Callable
 
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.runtime import Runtime
 
-from graph import prompts
-from graph.configuration import Configuration, ConfigurationError
+from graph import prompts, tracing
+from graph.configuration import Configuration, ConfigurationError, RunSettings, run_configuration
 from graph.policies import PolicyError, get_policy
+from graph.run_inputs import RunInputError, check_seed, resolve_run_dir
 from graph.state import AgentState
 from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
 from graph.toolbox import get_toolbox
@@ -48,22 +50,32 @@ class ToolFailure(Exception):
 # --------------------------------------------------------------------------------------------- policy
 
 
-def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
-    """Validate the inputs, store the normal image as image 1 and write the opening messages."""
+def start_run(state: AgentState, config: Configuration, *, confined: bool = False) -> dict[str, Any]:
+    """Validate the inputs, store the normal image as image 1 and write the opening messages.
+
+    A data URL input is replaced by the stored file's path, so the pixels are kept once (in the image
+    store), never again in the state, its history or traces. `confined`: see `resolve_run_dir`.
+    """
     for key in ("image", "category", "anomaly_type"):
         if not state.get(key):
             raise ValueError(f"missing input '{key}': give image (path or data URL), category and anomaly_type")
     catalog = load_catalog()
     category = catalog.category(state["category"])
     defect = catalog.defect(category.name, state["anomaly_type"])
-    run_dir = Path(state.get("run_dir") or Path(config.run_root) / uuid.uuid4().hex[:12]).resolve()
+    seed = check_seed(state.get("seed"), config.seed)
+    run_dir = resolve_run_dir(state.get("run_dir"), config.run_root, confined=confined)
     normal = load_image(state["image"])
-    image_id = ImageStore(run_dir).put(normal)
+    store = ImageStore(run_dir)
+    try:
+        image_id = store.put(normal)
+    except OSError as error:
+        raise RunInputError(f"input 'run_dir': cannot write to {run_dir}: {error.strerror or error}") from None
     subject = category.subject
     return {
+        "image": str(store.path(image_id)),
         "category": category.name,
         "anomaly_type": defect.name,
-        "seed": int(state.get("seed", config.seed) or 0),
+        "seed": seed,
         "run_dir": str(run_dir),
         "subject": subject,
         "is_texture": category.kind == "texture",
@@ -93,19 +105,28 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
     }
 
 
-def policy_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    """Ask the policy for its next message and route it: to a tool, back to itself, or to finalize."""
-    cfg = Configuration.from_runnable_config(config)
+def policy_node(
+    state: AgentState, config: RunnableConfig, runtime: Runtime[RunSettings], *, served: bool = False
+) -> dict[str, Any]:
+    """Ask the policy for its next message and route it: to a tool, back to itself, or to finalize.
+
+    `served`: the graph takes its inputs from a server's callers (see `start_run`, `run_configuration`).
+    """
+    cfg = run_configuration(config, runtime.context, served=served)
     if state.get("status") in INFRASTRUCTURE_STATUSES:
         return {"next": FINALIZE}  # a tool's backend failed: nothing the policy can do about it
-    update: dict[str, Any] = start_run(state, cfg) if not state.get("images") else {}
+    update: dict[str, Any] = start_run(state, cfg, confined=served) if not state.get("images") else {}
     view: AgentState = {**state, **update}  # type: ignore[typeddict-item]
+    name, tags, metadata = tracing.run_labels(view, cfg)
+    if update:
+        tracing.label_graph_run(config, name, tags, metadata)
     if view.get("steps", 0) >= cfg.max_steps:
         return {**update, "status": "budget_exhausted", "next": FINALIZE}
 
     started = time.perf_counter()
     try:
-        message = get_policy(cfg).decide(view, cfg)
+        message = tracing.traced_policy_call(config, cfg, list(view.get("messages", [])),
+                                             lambda: get_policy(cfg).decide(view, cfg), tags, metadata)
     except PolicyError as error:
         # A dead endpoint or a model that cannot load: end this run (finalize keeps the best image so
         # far and records why), so a batch goes on with its next sample instead of crashing or hanging.
@@ -169,20 +190,23 @@ def _tool_message(content: str, call: Any) -> ToolMessage:
 def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Configuration], tuple[str, dict[str, Any]]]):
     """Wrap `run` (state, args, config) -> (observation, state update) as a graph node."""
 
-    def node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-        cfg = Configuration.from_runnable_config(config)
+    def node(state: AgentState, config: RunnableConfig, runtime: Runtime[RunSettings]) -> dict[str, Any]:
+        cfg = run_configuration(config, runtime.context)
         call = state["pending_call"]
         started = time.perf_counter()
-        try:
-            observation, update = run(state, call["args"], cfg)
-        except ToolFailure as failure:
-            observation, update = prompts.error_observation(str(failure)), {}
-        except (BackendUnavailableError, ConfigurationError) as error:
-            # The backend itself is down or misconfigured: end the run (finalize keeps the best image
-            # so far) instead of crashing the batch; `batch --resume` reruns it.
-            logger.error("%s backend failed; ending the run: %s", name, error)
-            observation = prompts.error_observation(f"the {name} backend failed: {error}")
-            update = {"status": "backend_error", "error": str(error)}
+        _, tags, metadata = tracing.run_labels(state, cfg)
+        with tracing.tool_run(config, name, call["args"], tags, metadata) as traced:
+            try:
+                observation, update = run(state, call["args"], cfg)
+            except ToolFailure as failure:
+                observation, update = prompts.error_observation(str(failure)), {}
+            except (BackendUnavailableError, ConfigurationError) as error:
+                # The backend itself is down or misconfigured: end the run (finalize keeps the best image
+                # so far) instead of crashing the batch; `batch --resume` reruns it.
+                logger.error("%s backend failed; ending the run: %s", name, error)
+                observation = prompts.error_observation(f"the {name} backend failed: {error}")
+                update = {"status": "backend_error", "error": str(error)}
+            traced.on_tool_end(observation)
         message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
         return {
             **update,
@@ -318,9 +342,9 @@ def _derive_seed(state: AgentState, tool: str) -> int:
 # ------------------------------------------------------------------------------------------- finalize
 
 
-def finalize_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+def finalize_node(state: AgentState, config: RunnableConfig, runtime: Runtime[RunSettings]) -> dict[str, Any]:
     """Choose the final image and mask, decide the status, and write the outputs to the run directory."""
-    cfg = Configuration.from_runnable_config(config)
+    cfg = run_configuration(config, runtime.context)
     if not state.get("images"):
         raise ValueError("the run ended before it started: no normal image was stored")
     chosen, status = choose_final(state, cfg)

@@ -7,28 +7,30 @@ so checkpointers and the LangGraph server can persist it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 from langchain_core.messages import AnyMessage
 from langgraph.graph.message import add_messages
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic builds schemas from it on Python < 3.12, not from typing's
 
 
 class AgentInput(TypedDict, total=False):
     """What a caller gives: the normal image (file path or data URL), its category and the defect type."""
 
-    image: str
-    category: str
-    anomaly_type: str
-    seed: int
-    run_dir: str
+    image: Annotated[str, Field(description="The normal (defect-free) image: a file path on the server or a data:image/...;base64 URL.")]
+    category: Annotated[str, Field(description="Object or texture category, e.g. metal_nut, tile, capsule.")]
+    anomaly_type: Annotated[str, Field(description="Defect type to synthesize, e.g. scratch, crack, color.")]
+    seed: Annotated[int, Field(description="Seed of the run; the same seed repeats a run. Default: the seed setting.")]
+    run_dir: Annotated[str, Field(description="Output folder: a name or relative path inside the server's run_root. Default: a new folder there.")]
 
 
 class AgentOutput(TypedDict, total=False):
     """What a run returns: its status and where the results are."""
 
-    status: str
-    result: dict[str, Any]
-    messages: list[AnyMessage]
+    status: Annotated[str, Field(description="success, budget_exhausted, incomplete, failed, policy_error or backend_error.")]
+    result: Annotated[dict[str, Any], Field(description="Paths of anomaly.png, mask.png and trajectory.json, scores, timings; data URLs on request.")]
+    messages: Annotated[list[AnyMessage], Field(description="The conversation: system and task prompts, policy turns, tool observations.")]
 
 
 class AgentState(TypedDict, total=False):

@@ -27,15 +27,19 @@ class Served:
         self.model = model
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        # The server's log goes to a file next to the model (a pipe nobody reads would block it once full);
+        # -v logs its events (a cancelled generation) for tests to read with `log()`.
+        self.log_path = Path(model).parent / f"serve-policy-{self.port}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "graph.cli", "serve-policy", "--model", str(model), "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "graph.cli", "-v", "serve-policy", "--model", str(model), "--port", str(self.port)],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"serve-policy exited: {self.process.stdout.read()}")
+                raise AssertionError(f"serve-policy exited: {self.log()}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
                     return
@@ -43,6 +47,10 @@ class Served:
                 time.sleep(0.2)
         self.stop()
         raise AssertionError("serve-policy did not become ready in 90 s")
+
+    def log(self) -> str:
+        """What the server has logged so far."""
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         self.process.terminate()

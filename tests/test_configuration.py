@@ -1,8 +1,10 @@
 """Configuration layers: defaults < YAML < environment < configurable, validated."""
 
+import os
+
 import pytest
 
-from graph.configuration import Configuration, ConfigurationError
+from graph.configuration import DEPLOYMENT_SETTINGS, Configuration, ConfigurationError, RunSettings, run_configuration
 
 
 def test_later_layers_override_earlier_ones(tmp_path, monkeypatch):
@@ -28,3 +30,50 @@ def test_invalid_value_names_the_field():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigurationError, match="not found"):
         Configuration.load(config_file=tmp_path / "nope.yaml")
+
+
+def test_a_misspelled_setting_in_configurable_names_the_closest_one():
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'max_step' \(did you mean 'max_steps'\?\)"):
+        run_configuration({"configurable": {"max_step": 2, "thread_id": "t", "checkpoint_ns": ""}})
+
+
+def test_any_unknown_name_in_the_context_is_refused_with_the_closest_one():
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'temprature' \(did you mean 'temperature'\?\)"):
+        run_configuration(None, {"temprature": 0.5})
+    with pytest.raises(ValueError, match=r"unknown setting 'max_step' \(did you mean 'max_steps'\?\)"):
+        RunSettings(max_step=2)
+
+
+def test_context_wins_over_configurable_and_only_the_fields_a_caller_set_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_AGENT_MAX_IMAGE_GENS", "4")
+    cfg = run_configuration({"configurable": {"max_steps": 5, "seed": 1}}, RunSettings(max_steps=7))
+    assert (cfg.max_steps, cfg.seed, cfg.max_image_gens) == (7, 1, 4)  # the context's unset fields keep the env's value
+
+
+def test_a_served_run_may_not_move_the_servers_folders_or_read_any_file(tmp_path):
+    for name in DEPLOYMENT_SETTINGS:
+        with pytest.raises(ConfigurationError, match=f"setting '{name}' belongs to the server's configuration"):
+            run_configuration(None, {name: str(tmp_path)}, served=True)
+    with pytest.raises(ConfigurationError, match="'config_file' must be one of the presets"):
+        run_configuration(None, {"config_file": str(tmp_path / "x.yaml")}, served=True)
+    assert run_configuration(None, {"run_root": str(tmp_path)}).run_root == str(tmp_path)  # in-process: allowed
+
+
+def test_the_layers_are_read_once_per_configuration_not_once_per_node(tmp_path, monkeypatch):
+    import graph.configuration as configuration
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("max_steps: 6\n")
+    reads = []
+    real = configuration._read_yaml
+    monkeypatch.setattr(configuration, "_read_yaml", lambda path: reads.append(path) or real(path))
+    config = {"configurable": {"config_file": str(config_file), "seed": 11}}
+    assert [run_configuration(config).max_steps for _ in range(5)] == [6] * 5
+    assert len(reads) == 1
+    config_file.write_text("max_steps: 8\n")
+    os.utime(config_file, ns=(1, 1))  # a new modification time: the file is read again
+    assert run_configuration(config).max_steps == 8 and len(reads) == 2
+
+
+def test_every_setting_has_a_description():
+    assert [name for name, field in RunSettings.model_fields.items() if not field.description] == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -76,12 +75,12 @@ def test_dead_endpoint_is_one_clear_line():
 
 
 def test_slow_endpoint_times_out_with_a_clear_error(nut):
-    with ImageEditServer([{"sleep": 2.0}]) as server:
+    # The answer comes long after the client's timeout, however loaded the machine: only the timeout can end it.
+    with ImageEditServer([{"sleep": 60.0}]) as server:
         editor = _editor(server.base_url, request_timeout_s=0.3, max_retries=0)
-        started = time.perf_counter()
         with pytest.raises(ImageEditEndpointError, match="timed out"):
             editor.generate(nut, REQUEST)
-    assert time.perf_counter() - started < 2.0
+    assert len(server.requests) == 1  # max_retries 0: given up after the one request, not waited out
 
 
 def test_refused_request_is_not_retried(nut):

@@ -105,7 +105,7 @@ def test_dead_endpoint_ends_the_run_with_a_policy_error(sample_dir, tmp_path):
 
 
 def test_slow_endpoint_times_out_into_a_policy_error(sample_dir, tmp_path):
-    with ScriptedChatServer([{"sleep": 3, "content": "late"}]) as server:
+    with ScriptedChatServer([{"sleep": 60, "content": "late"}]) as server:  # never in time, however loaded
         out = _run(server.base_url, sample_dir, tmp_path, model="m", request_timeout_s=0.5)
     assert out["status"] == "policy_error"
     assert "timed out after 2 tries" in out["result"]["error"]

@@ -600,7 +600,7 @@ def test_validation_scores_the_start_and_every_n_steps_keeps_the_best_and_resume
     summary = json.loads((out / "grpo_summary.json").read_text())
     rewards = [row["reward_mean"] for row in summary["validation"]]
     assert [row["step"] for row in summary["validation"]] == [0, 2, 3]
-    assert all(row["seconds"] > 0 for row in summary["validation"])  # kept across the resume: the time reserve
+    assert all(isinstance(row["seconds"], float) and row["seconds"] >= 0 for row in summary["validation"])  # kept across the resume: the time reserve
     assert summary["selected_step"] == [0, 2, 3][rewards.index(max(rewards))]  # the first of the best
     changed = [k for k, v in trained_tensors(out / "final").items() if not (v == start[k]).all()]
     assert (summary["selected_step"] == 0) == (not changed)  # the start kept: final/ is the start model
@@ -679,7 +679,7 @@ def test_bench_rollouts_times_one_round_per_decoding_mode_on_the_same_seeds(tiny
     assert main(["bench", "rollouts", "--config", str(config_file), "--out", str(tmp_path / "bench")]) == 0
     rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if line.startswith(("│ one", "│ batched"))]
     assert [r[1].strip() for r in rows] == ["one", "batched"]
-    assert all(float(r[2]) > 0 and int(r[3]) == 2 and int(r[4]) > 0 for r in rows)
+    assert all(float(r[2]) >= 0 and int(r[3]) == 2 and int(r[4]) > 0 for r in rows)  # a fast round prints 0.0 s
     assert all(r[7].strip() == "2/2" for r in rows)  # greedy: every mode generated the same tokens
     with pytest.raises(SystemExit, match="unknown mode"):
         main(["bench", "rollouts", "--config", str(config_file), "--modes", "fast"])
