@@ -108,12 +108,12 @@ def _generate_agent(
 
     samples = plan([n.image for n in normals], category, types, 1, root, seed)
     run_batch(samples, root, overrides={"seed": seed}, workers=1, resume=True, progress=progress)
-    scores = {(r["category"], r["anomaly_type"], r["number"]): r.get("score") for r in all_done_rows(root)}
+    scores = {(r["category"], r["anomaly_type"], r["name"]): r.get("score") for r in all_done_rows(root)}
     rows = []
     for s in samples:
         if Path(s.anomaly_out).is_file():
-            score = scores.get((s.category, s.anomaly_type, s.number))
-            label = f"agent {s.anomaly_type} #{s.number:03d}  QE {score if score is not None else '-'}"
+            score = scores.get((s.category, s.anomaly_type, s.name))
+            label = f"agent {s.anomaly_type} {s.name}  QE {score if score is not None else '-'}"
             rows.append((s.image, s.anomaly_out, s.mask_out, label))
     return rows
 

@@ -126,7 +126,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
     summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
-    print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png", file=sys.stderr)
+    errors = len(summary["input_errors"])
+    print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png; "
+          f"{errors} input error{'' if errors == 1 else 's'}" + (" (listed in summary.json input_errors)" if errors else ""), file=sys.stderr)
     return 0
 
 
