@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 import statistics
 import time
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from graph.batch_guard import hold_root, init_worker
 from graph.configuration import Configuration
 from graph.nodes import INFRASTRUCTURE_STATUSES
 from tools.contact_sheet import SheetRow, make_contact_sheet
@@ -279,9 +281,20 @@ def run_batch(
     The joint files are written even when a sample raises (they then describe what is done), and
     each input error is logged as one warning line; input errors never stop the batch.
 
+    Only one batch at a time writes into a root (see graph.batch_guard); pool workers die with it.
+
     Returns:
         The summary of every finished sample under `root` (also written to root/summary.json).
+
+    Raises:
+        graph.batch_guard.RootBusyError: another batch, or a worker of a killed one, is writing into `root`.
     """
+    with hold_root(root / WORK_DIR):
+        return _run_batch_held(samples, root, overrides=overrides, workers=workers, resume=resume, progress=progress)
+
+
+def _run_batch_held(samples: list[Sample], root: Path, *, overrides: dict[str, Any], workers: int, resume: bool,
+                    progress: bool) -> dict[str, Any]:
     done = {s.work_dir: row for s in samples if (row := _done_row(s)) is not None}
     for sample in samples:
         if done.get(sample.work_dir, {}).get("status") in RETRY_STATUSES and resume:
@@ -298,7 +311,7 @@ def run_batch(
     logger.info("%d samples planned, %d already done, %d to run", len(samples), len(done), len(todo))
     started = time.perf_counter()
     try:
-        for row in _execute(todo, overrides, workers, progress, total=len(samples), initial=len(done)):
+        for row in _execute(todo, overrides, workers, progress, root / WORK_DIR, total=len(samples), initial=len(done)):
             if row["status"] == INPUT_ERROR:
                 logger.warning("input error (%s/%s %s): %s", row["category"], row["anomaly_type"], row["name"], row.get("error"))
     finally:
@@ -339,7 +352,8 @@ def all_done_rows(root: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["category"], r["anomaly_type"], r.get("name", "")))
 
 
-def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progress: bool, total: int, initial: int) -> Iterator[dict[str, Any]]:
+def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progress: bool, work_dir: Path, total: int,
+             initial: int) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, desc="samples", unit="sample", disable=not progress)
@@ -350,7 +364,8 @@ def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progre
                 bar.update()
             return
         context = multiprocessing.get_context("spawn")  # torch and forked threads do not mix
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(os.getpid(), str(work_dir))) as pool:
             futures = [pool.submit(run_sample, sample, overrides) for sample in todo]
             for future in as_completed(futures):
                 yield future.result()
@@ -359,9 +374,11 @@ def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progre
         bar.close()
 
 
-def _init_worker() -> None:
+def _init_worker(parent_pid: int, work_dir: str) -> None:
+    """Pool-worker setup: die with the batch process, hold the root's workers lock, one torch thread."""
     import torch
 
+    init_worker(parent_pid, work_dir)
     torch.set_num_threads(1)
 
 

@@ -77,6 +77,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is written for the user: shown as one line, no traceback."""
     from evals.errors import EvalError
     from graph.batch import BatchError
+    from graph.batch_guard import RootBusyError
     from graph.configuration import ConfigurationError
     from graph.policies.base import PolicyError
     from tools.imaging import ImageInputError
@@ -94,6 +95,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         GRPOConfigError,
         TrajectoryError,
         BatchError,
+        RootBusyError,
         ConfigurationError,
         PolicyError,
         ImageInputError,

@@ -241,3 +241,59 @@ def test_sample_identity_follows_content_not_position(sample_dir, tmp_path):
     key = lambda s: (s.anomaly_type, s.name, s.seed, s.work_dir, s.anomaly_out)  # noqa: E731
     assert {key(s) for s in alone} < {key(s) for s in together}
     assert len({s.anomaly_out for s in together}) == len(together) == 8
+
+
+def _children(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is `pid`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _stat(int(entry.name))[1:] == ("alive", pid):
+            found.append(int(entry.name))
+    return found
+
+
+def _stat(pid: int) -> tuple[int, str, int]:
+    """(pid, 'alive'/'gone', parent pid) from /proc/PID/stat; a zombie counts as gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return pid, "gone", 0
+    return pid, "gone" if fields[0] in "ZX" else "alive", int(fields[1])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_sigkill_of_a_batch_takes_its_workers_down_and_resume_then_finishes(sample_dir, tmp_path):
+    root = tmp_path / "out"
+    command = [_cli(), "batch", "--input", str(sample_dir / "tile"), "--category", "tile", "--anomaly-types", "crack,oil",
+               "--per-image", "2", "--out", str(root), "--workers", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not list(root.glob(".work/*/*/*/done.json")):
+            time.sleep(0.05)
+        children = _children(proc.pid)  # the two workers and multiprocessing's resource tracker
+        assert len(children) >= 2 and proc.poll() is None, "the kill should land while workers run"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the batch process alone, as `kill -9 PID` does
+        proc.wait()
+    deadline = time.monotonic() + 60  # generous: the kernel kills them at once, the fallback within ~1 s
+    while time.monotonic() < deadline and any(_stat(pid)[1] == "alive" for pid in children):
+        time.sleep(0.1)
+    assert [pid for pid in children if _stat(pid)[1] == "alive"] == []
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _check_complete(root, "tile", ["crack", "oil"], expected=8)
+
+
+def test_a_second_batch_into_a_held_root_is_refused_in_one_line(sample_dir, tmp_path):
+    from graph.batch_guard import hold_root
+
+    root = tmp_path / "out"
+    command = [_cli(), "batch", "--input", str(sample_dir / "tile"), "--category", "tile", "--anomaly-types", "crack", "--out", str(root)]
+    with hold_root(root / ".work"):
+        busy = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2
+    assert busy.stderr.strip().splitlines() == [f"anomaly-agent: error: another batch is writing into {root}; wait for it to end or choose another --out"]
+    assert not list(root.glob(".work/*/*/*/done.json")) and not (root / "summary.json").exists()
