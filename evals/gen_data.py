@@ -85,7 +85,8 @@ def generate(
         normals: The normal images to draw on, in order (sample number = index).
         category: Catalog category (decides texture vs object and the agent's knowledge).
         types: Defect types; each normal gets one anomaly of each.
-        root: Output root; ROOT/<category>/test/<type>/NNN.png and ground_truth/<type>/NNN_mask.png.
+        root: Output root; ROOT/<category>/test/<type>/NAME.png and ground_truth/<type>/NAME_mask.png (NAME:
+            NNN for baselines, graph.batch's content-derived name for the agent).
         seed: Base seed.
 
     Returns:
