@@ -180,7 +180,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     _check_policy(Configuration.load(overrides=_overrides(args)))
     samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
-    summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # a warning (an input error) gets its own line, not the progress bar's
+        summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
     errors = len(summary["input_errors"])
     print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png; "
