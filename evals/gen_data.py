@@ -85,7 +85,8 @@ def generate(
         normals: The normal images to draw on, in order (sample number = index).
         category: Catalog category (decides texture vs object and the agent's knowledge).
         types: Defect types; each normal gets one anomaly of each.
-        root: Output root; ROOT/<category>/test/<type>/NNN.png and ground_truth/<type>/NNN_mask.png.
+        root: Output root; ROOT/<category>/test/<type>/NAME.png and ground_truth/<type>/NAME_mask.png (NAME:
+            NNN for baselines, graph.batch's content-derived name for the agent).
         seed: Base seed.
 
     Returns:
@@ -108,12 +109,12 @@ def _generate_agent(
 
     samples = plan([n.image for n in normals], category, types, 1, root, seed)
     run_batch(samples, root, overrides={"seed": seed}, workers=1, resume=True, progress=progress)
-    scores = {(r["category"], r["anomaly_type"], r["number"]): r.get("score") for r in all_done_rows(root)}
+    scores = {(r["category"], r["anomaly_type"], r["name"]): r.get("score") for r in all_done_rows(root)}
     rows = []
     for s in samples:
         if Path(s.anomaly_out).is_file():
-            score = scores.get((s.category, s.anomaly_type, s.number))
-            label = f"agent {s.anomaly_type} #{s.number:03d}  QE {score if score is not None else '-'}"
+            score = scores.get((s.category, s.anomaly_type, s.name))
+            label = f"agent {s.anomaly_type} {s.name}  QE {score if score is not None else '-'}"
             rows.append((s.image, s.anomaly_out, s.mask_out, label))
     return rows
 

@@ -175,15 +175,34 @@ def flux_fill_pipeline(folder: str | Path, seed: int = 0) -> Path:
     The shapes follow diffusers' own FluxFill test components; both tokenizers are the character CLIP
     tokenizer (any tokenizer that pads to a length serves the T5 encoder), so nothing is downloaded.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from diffusers import FluxFillPipeline
+
+    FluxFillPipeline(**_flux_components(in_channels=20, out_channels=8, seed=seed)).save_pretrained(str(folder))
+    return Path(folder)
+
+
+def flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny guidance-distilled FLUX.1 (dev-like) text-to-image pipeline with random weights.
+
+    `AutoPipelineForInpainting` maps such a folder to `FluxInpaintPipeline` (tests of that path).
+    """
+    from diffusers import FluxPipeline
+
+    FluxPipeline(**_flux_components(in_channels=8, out_channels=8, seed=seed)).save_pretrained(str(folder))
+    return Path(folder)
+
+
+def _flux_components(in_channels: int, out_channels: int, seed: int) -> dict[str, Any]:
+    """The components of a tiny FLUX.1 pipeline (2 latent channels: 8 once packed 2x2)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    folder = Path(folder)
     torch.manual_seed(seed)
     vocab = len(_CHARS) * 2 + 2
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=20, out_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=True,
     )
     clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                                         vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1,
@@ -194,7 +213,5 @@ def flux_fill_pipeline(folder: str | Path, seed: int = 0) -> Path:
                         latent_channels=2, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
     tokenizer = tiny_clip_tokenizer()
-    pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tokenizer,
-                            text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer)
-    pipe.save_pretrained(str(folder))
-    return folder
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(), "vae": vae, "text_encoder": clip, "tokenizer": tokenizer,
+            "text_encoder_2": t5, "tokenizer_2": tokenizer, "transformer": transformer}

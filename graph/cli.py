@@ -12,11 +12,64 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
+
+class OutputPathError(ValueError):
+    """An --out path that cannot hold the outputs: it names the path and the reason."""
+
+
+def check_out_folder(path: str | Path) -> Path:
+    """The --out folder, checked before any work: a folder (or creatable under a folder) where a file
+    can be written. Creates nothing.
+
+    Why a probe write rather than permission bits: root ignores the bits, a read-only mount does not.
+
+    Raises:
+        OutputPathError: the path is a file, lies under a file, or its nearest existing folder refuses a write.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out}: is a file, not a folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"--out {out}: {existing} is a file, so no folder can be made under it")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".anomaly-agent-probe-"):
+            pass
+    except OSError as error:
+        raise OutputPathError(f"--out {out}: cannot write in {existing} ({error.strerror or error})") from None
+    return out
+
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], refused in one line otherwise."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return count
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (exit 2), like every other user error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 
@@ -24,6 +77,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is written for the user: shown as one line, no traceback."""
     from evals.errors import EvalError
     from graph.batch import BatchError
+    from graph.batch_guard import RootBusyError
     from graph.configuration import ConfigurationError
     from graph.policies.base import PolicyError
     from tools.imaging import ImageInputError
@@ -34,12 +88,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.trajectories import TrajectoryError
 
     return (
+        OutputPathError,
         EvalError,
         ReverseError,
         SFTConfigError,
         GRPOConfigError,
         TrajectoryError,
         BatchError,
+        RootBusyError,
         ConfigurationError,
         PolicyError,
         ImageInputError,
@@ -73,12 +129,12 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     from graph.nodes import INFRASTRUCTURE_STATUSES
     from tools.imaging import load_image
 
+    out = check_out_folder(args.out)
     category, (anomaly_type,) = _check_inputs(args.category, [args.anomaly_type])
     load_image(args.image)  # fail fast with the loader's one-line message
     overrides = _overrides(args)
     cfg = Configuration.load(overrides=overrides)
     _check_policy(cfg)
-    out = Path(args.out)
     started = time.perf_counter()
     values = build_graph().invoke(
         {"image": str(Path(args.image).resolve()), "category": category, "anomaly_type": anomaly_type, "seed": cfg.seed, "run_dir": str(out)},
@@ -118,15 +174,20 @@ def _check_policy(cfg: Any) -> None:
 def cmd_batch(args: argparse.Namespace) -> int:
     from graph.batch import list_images, plan, run_batch
 
+    root = check_out_folder(args.out).resolve()
     category, types = _check_inputs(args.category, [t for t in args.anomaly_types.split(",") if t.strip()])
-    root = Path(args.out).resolve()
     from graph.configuration import Configuration
 
     _check_policy(Configuration.load(overrides=_overrides(args)))
     samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
-    summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # a warning (an input error) gets its own line, not the progress bar's
+        summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
-    print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png", file=sys.stderr)
+    errors = len(summary["input_errors"])
+    print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png; "
+          f"{errors} input error{'' if errors == 1 else 's'}" + (" (listed in summary.json input_errors)" if errors else ""), file=sys.stderr)
     return 0
 
 
@@ -206,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anomaly-agent", description="Synthesize realistic industrial defects with pixel masks.")
+    parser = _OneLineParser(prog="anomaly-agent", description="Synthesize realistic industrial defects with pixel masks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -231,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--category", required=True)
     p.add_argument("--anomaly-types", required=True, help="comma-separated")
-    p.add_argument("--per-image", type=int, default=1)
+    p.add_argument("--per-image", type=_count(1, 1000), default=1,  # 1000: graph.batch.MAX_PER_IMAGE
+                   help="samples per image and type (1-1000)")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_count(1), default=1, help="processes running samples at once")
     p.add_argument("--resume", action="store_true", help="finish an interrupted batch in the same --out")
     run_options(p)
     p.set_defaults(func=cmd_batch)

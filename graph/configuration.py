@@ -103,7 +103,15 @@ class Configuration(BaseModel):
     )
     image_edit_base_url: str | None = Field(default=None, description="OpenAI-compatible /images/edits endpoint (image_backend endpoint).")
     image_edit_model: str | None = Field(default=None, description="Model name for the image-edit endpoint.")
-    image_edit_size: int = Field(default=1024, ge=64, le=4096, description="Long side of the window sent to the endpoint.")
+    image_edit_size: int = Field(default=1024, ge=64, le=4096, description="Long side of the window sent to the endpoint (image_edit_sizes any).")
+    image_edit_sizes: str = Field(
+        default="1024x1024,1536x1024,1024x1536",
+        description="Sizes the endpoint accepts (WxH, comma-separated; default: GPT image models'), the window is sent at "
+                    "the one nearest its aspect; 'any' sends the window's own aspect at image_edit_size.",
+    )
+    image_edit_response_format: Literal["b64_json", "url"] | None = Field(
+        default=None, description="Sent only when set (GPT image models refuse the parameter; DALL-E 2 defaults to url)."
+    )
     sam_checkpoint: str | None = Field(default=None, description="Local SAM checkpoint (mask_backend sam).")
     sam_model_type: Literal["auto", "vit_b", "vit_l", "vit_h"] = Field(
         default="auto", description="Checked against the checkpoint; auto accepts what it holds."

@@ -85,6 +85,8 @@ class ImageBackend(NamedTuple):
     size: int = 1024
     timeout_s: float = 60.0
     max_retries: int = 2
+    edit_sizes: str = "1024x1024,1536x1024,1024x1536"
+    response_format: str | None = None
 
 
 class MaskBackend(NamedTuple):
@@ -111,7 +113,8 @@ def image_backend(config: Configuration) -> ImageBackend | None:
         config.image_backend, config.diffusion_model_path, config.diffusion_pipeline, config.diffusion_strength,
         config.diffusion_steps, config.diffusion_guidance, config.diffusion_resolution, config.edit_init,
         config.torch_device, config.torch_dtype, config.image_edit_base_url, config.image_edit_model, config.api_key,
-        config.image_edit_size, config.request_timeout_s, config.max_retries,
+        config.image_edit_size, config.request_timeout_s, config.max_retries, config.image_edit_sizes,
+        config.image_edit_response_format,
     )
 
 
@@ -192,10 +195,15 @@ def _image_generator(spec: ImageBackend | None) -> ImageGenerator:
     if spec is None:
         return ProceduralEngine()
     if spec.kind == "endpoint":
-        from tools.image_gen_endpoint import EndpointImageEditor
+        from tools.image_gen_endpoint import EndpointImageEditor, parse_sizes
 
+        try:
+            sizes = parse_sizes(spec.edit_sizes)
+        except ValueError as error:
+            raise ConfigurationError(f"image_edit_sizes: {error}") from None
         return EndpointImageEditor(base_url=spec.base_url or "", model=spec.model, api_key=spec.api_key, size=spec.size,
-                                   init=spec.init, timeout_s=spec.timeout_s, max_retries=spec.max_retries)
+                                   init=spec.init, timeout_s=spec.timeout_s, max_retries=spec.max_retries, sizes=sizes,
+                                   response_format=spec.response_format)
     from tools.image_gen_diffusers import DiffusersInpainter, DiffusersModelError
 
     try:

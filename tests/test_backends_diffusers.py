@@ -252,3 +252,63 @@ def test_device_out_of_memory_ends_the_run_as_backend_error(tool, tiny_sd, tiny_
     assert ("diffusion_resolution" if tool == "image_gen" else "sam_model_type") in error
     if tool == "mask_gen":  # the image is kept, masked without the model that failed
         assert state["result"]["mask_by"].startswith("finalize (change mask") and load_mask(state["result"]["mask_path"]).any()
+
+
+def test_a_flux_dev_folder_is_guidance_distilled_one_pass_per_step(tmp_path, nut):
+    """AutoPipelineForInpainting maps a FLUX.1 text-to-image folder to FluxInpaintPipeline, which also has
+    `true_cfg_scale`: FLUX.1 is guidance-distilled, so every transformer pass must read the prompt (no
+    negative-prompt pass) with the embedded guidance at FLUX.1 dev's 3.5."""
+    from evals.random_backends import flux_pipeline
+
+    inpainter = _inpainter(flux_pipeline(tmp_path / "tiny-flux"), diffusion_steps=4, diffusion_resolution=32,
+                           diffusion_strength=1.0)
+    assert type(inpainter.pipe).__name__ == "FluxInpaintPipeline"
+    passes = []
+
+    def record(module, args, kwargs):
+        passes.append((kwargs["encoder_hidden_states"].clone(), kwargs["guidance"].clone()))
+
+    handle = inpainter.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = inpainter.generate(nut, REQUEST)
+    finally:
+        handle.remove()
+    assert len(passes) == 4, "one transformer pass per step: no true-CFG second pass"
+    assert all(torch_equal(states, passes[0][0]) for states, _ in passes), "a pass read another (negative) prompt"
+    assert all(float(guidance.flatten()[0]) == 3.5 for _, guidance in passes)
+    assert result.info["guidance"] == 3.5 and result.info["guidance_mode"] == "distilled"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_guidance_follows_the_pipeline_family():
+    import diffusers
+
+    from tools.image_gen_diffusers import guidance_plan
+
+    assert guidance_plan(diffusers.QwenImageEditInpaintPipeline) == ("true_cfg", 4.0)
+    assert guidance_plan(diffusers.QwenImageInpaintPipeline) == ("true_cfg", 4.0)
+    assert guidance_plan(diffusers.FluxFillPipeline) == ("distilled", 30.0)
+    assert guidance_plan(diffusers.FluxInpaintPipeline) == ("distilled", 3.5)
+    assert guidance_plan(diffusers.StableDiffusionInpaintPipeline) == ("cfg", 7.5)
+    assert guidance_plan(diffusers.StableDiffusion3InpaintPipeline) == ("cfg", 7.0)
+
+
+@pytest.mark.parametrize(("class_name", "family", "problem"), [
+    ("IFPipeline", "if", "takes no height/width"),
+    ("KandinskyV22Pipeline", "kandinsky22", "takes no strength"),
+    ("StableDiffusionControlNetPipeline", "stable-diffusion-controlnet", "needs a control image"),
+    ("FluxControlPipeline", "flux-control", "needs a control image"),
+])
+def test_a_family_the_backend_cannot_drive_is_refused_at_load_in_one_line(tmp_path, class_name, family, problem):
+    folder = tmp_path / class_name
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    with pytest.raises(ConfigurationError) as error:
+        _inpainter(folder)
+    message = str(error.value)
+    assert "\n" not in message and f"'{family}' folder" in message and problem in message

@@ -92,3 +92,74 @@ def test_kb_list_shows_every_mvtec_category(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 15
     assert sum(len(line.split("\t")[3].split(", ")) for line in lines) == 73
+
+
+def _batch(sample_dir: Path, out: Path, *extra: str) -> int:
+    return main(["batch", "--input", str(sample_dir / "tile"), "--category", "tile", "--anomaly-types", "crack", "--out", str(out), *extra])
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in captured.err, captured.err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", ["synthesize", "batch"])
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_out_on_a_file_is_one_line_before_any_work(sample_dir, tmp_path, capsys, command, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "sub" / "dir"
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    # A bad category too: the --out check must come first, before any other work.
+    code = _synthesize(image, out, "no_such_category") if command == "synthesize" else _batch(sample_dir, out)
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("anomaly-agent: error: --out") and str(out) in line and "is a file" in line
+    assert blocker.read_text() == "not a folder"
+
+
+def _read_only_cli(source: Path, target: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI with `target` a read-only view of `source`: a read-only bind mount in a private
+    mount namespace when root (root ignores permission bits), plain chmod otherwise."""
+    cli = [sys.executable, "-c", "import sys; from graph.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    if os.geteuid() != 0:
+        os.chmod(target, 0o555)
+        return subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    import shlex
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without `unshare -m`: no way to make a read-only folder here")
+    script = f"mount --bind -o ro {shlex.quote(str(source))} {shlex.quote(str(target))} && exec {shlex.join(cli)}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["synthesize", "batch"])
+def test_out_in_a_read_only_folder_is_one_line_and_exit_2(sample_dir, tmp_path, command):
+    source, target = tmp_path / "source", tmp_path / "readonly"
+    source.mkdir()
+    target.mkdir()
+    out = target / "run"
+    image = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    args = (["synthesize", "--image", str(image), "--category", "metal_nut", "--anomaly-type", "scratch", "--out", str(out)]
+            if command == "synthesize" else
+            ["batch", "--input", str(sample_dir / "tile"), "--category", "tile", "--anomaly-types", "crack", "--out", str(out)])
+    proc = _read_only_cli(source, target, args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "cannot write" in lines[0], proc.stderr
+    assert not list(source.iterdir())
+
+
+@pytest.mark.parametrize("flag,value", [("--per-image", "0"), ("--per-image", "-1"), ("--per-image", "1001"),
+                                        ("--workers", "0"), ("--workers", "-2"), ("--workers", "two")])
+def test_batch_counts_out_of_range_are_one_line_and_exit_2(sample_dir, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        _batch(sample_dir, tmp_path / "out", flag, value)
+    assert exit_.value.code == 2
+    line = _one_error_line(capsys)
+    assert flag in line and value in line
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from graph.toolbox import get_toolbox
 from image_edit_server import ImageEditServer
 from tools.edit_region import plan_edit
 from tools.image_gen import ProceduralEngine
-from tools.image_gen_endpoint import EndpointImageEditor, ImageEditEndpointError
+from tools.image_gen_endpoint import EndpointImageEditor, ImageEditEndpointError, nearest_size
 from tools.imaging import load_image
 from tools.types import GenerationRequest
 
@@ -48,12 +48,12 @@ def test_endpoint_edit_is_pasted_back_inside_the_mask_at_the_input_size(nut):
     assert result.info["engine"] == "endpoint" and result.info["position"] == "center"
 
     request = server.requests[0]
-    assert request["model"] == "editor-1" and request["response_format"] == "b64_json"
+    assert request["model"] == "editor-1" and "response_format" not in request
     assert "color defect" in request["prompt"] and REQUEST.prompt in request["prompt"]
     image = Image.open(io.BytesIO(request["image"]))
     mask = Image.open(io.BytesIO(request["mask"]))
     assert image.size == mask.size and request["size"] == f"{image.size[0]}x{image.size[1]}"
-    assert max(image.size) == 128 and mask.mode == "RGBA"
+    assert request["size"] in {"1024x1024", "1536x1024", "1024x1536"} and mask.mode == "RGBA"
     alpha = np.asarray(mask)[..., 3]
     # OpenAI's convention: transparent = edit; the edit area is the planned mask, the rest opaque.
     assert (alpha == 0).any() and (alpha == 255).any() and set(np.unique(alpha)) <= {0, 255}
@@ -133,3 +133,47 @@ def test_dead_endpoint_ends_runs_as_backend_error_and_resume_finishes_them(sampl
         resumed = run_batch(samples, root, overrides=overrides, resume=True, progress=False)
     assert set(resumed["statuses"]) <= {"success", "budget_exhausted"} and resumed["samples"] == 2
     assert len(list((root / "metal_nut" / "test").rglob("*.png"))) == 2
+
+
+def test_a_wide_window_goes_at_the_nearest_supported_size_and_comes_back_at_its_own(nut):
+    strip = np.ascontiguousarray(nut[52:76])  # 24 x 128 px: any window in it is wide
+    plan = plan_edit(ProceduralEngine(), strip, REQUEST)
+    x0, y0, x1, y1 = plan.window
+    assert (x1 - x0) / (y1 - y0) > 1.3
+    with ImageEditServer() as server:  # strict: GPT image sizes only, no response_format
+        result = _editor(server.base_url).generate(strip, REQUEST)
+    assert server.requests[0]["size"] == "1536x1024" and "response_format" not in server.requests[0]
+    assert Image.open(io.BytesIO(server.requests[0]["image"])).size == (1536, 1024)
+    assert result.image.shape == strip.shape and result.info["model_size"] == [1536, 1024]
+    changed = np.abs(result.image.astype(int) - strip.astype(int)).max(axis=-1) > 0
+    assert changed.any() and not (changed & ~plan.edit_mask).any()
+
+
+def test_nearest_size_follows_the_aspect_ratio():
+    sizes = ((1024, 1024), (1536, 1024), (1024, 1536))
+    assert nearest_size((300, 280), sizes) == (1024, 1024)
+    assert nearest_size((400, 250), sizes) == (1536, 1024)
+    assert nearest_size((90, 200), sizes) == (1024, 1536)
+
+
+def test_response_format_is_sent_only_when_configured_and_a_strict_server_refuses_it(nut):
+    with ImageEditServer(accepts_response_format=True) as server:
+        _editor(server.base_url, image_edit_response_format="b64_json").generate(nut, REQUEST)
+    assert server.requests[0]["response_format"] == "b64_json"
+    with ImageEditServer() as server:
+        with pytest.raises(ImageEditEndpointError, match="Unknown parameter: 'response_format'"):
+            _editor(server.base_url, image_edit_response_format="b64_json").generate(nut, REQUEST)
+    assert len(server.requests) == 1, "a 400 is not retried"
+
+
+def test_sizes_any_sends_the_windows_own_aspect_to_a_tolerant_server(nut):
+    with ImageEditServer(sizes=None) as server:
+        _editor(server.base_url, image_edit_sizes="any").generate(nut, REQUEST)
+    width, height = (int(side) for side in server.requests[0]["size"].split("x"))
+    assert max(width, height) == 128 and width % 16 == 0 and height % 16 == 0
+
+
+def test_malformed_sizes_are_one_configuration_error():
+    with pytest.raises(ConfigurationError, match="image_edit_sizes: '1024by768' is not WIDTHxHEIGHT"):
+        get_toolbox(Configuration.load(overrides={"image_backend": "endpoint", "image_edit_base_url": "http://127.0.0.1:9/v1",
+                                                  "image_edit_sizes": "1024by768"}))

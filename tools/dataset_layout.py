@@ -12,9 +12,14 @@ from pathlib import Path
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-def mvtec_anomaly_path(root: Path, category: str, anomaly_type: str, number: int) -> Path:
-    return Path(root) / category / "test" / anomaly_type / f"{number:03d}.png"
+def _stem(number: int | str) -> str:
+    """A number as its 3-digit stem (`7` -> `007`); a string is taken as the stem itself."""
+    return number if isinstance(number, str) else f"{number:03d}"
 
 
-def mvtec_mask_path(root: Path, category: str, anomaly_type: str, number: int) -> Path:
-    return Path(root) / category / "ground_truth" / anomaly_type / f"{number:03d}_mask.png"
+def mvtec_anomaly_path(root: Path, category: str, anomaly_type: str, number: int | str) -> Path:
+    return Path(root) / category / "test" / anomaly_type / f"{_stem(number)}.png"
+
+
+def mvtec_mask_path(root: Path, category: str, anomaly_type: str, number: int | str) -> Path:
+    return Path(root) / category / "ground_truth" / anomaly_type / f"{_stem(number)}_mask.png"

@@ -8,10 +8,13 @@ pipeline (at `strength` < 1) turns a drawn scratch into a photographed one while
 shape; ``edit_init: normal`` lets it paint from the prompt alone. The output is pasted back through the
 mask, so the result has the input's size and nothing outside the mask changes.
 
-Supported folders (``save_pretrained`` layouts with ``model_index.json``): Stable Diffusion and SDXL
-inpainting (and anything else ``AutoPipelineForInpainting`` maps), FLUX.1 Fill (``FluxFillPipeline``)
-and Qwen-Image-Edit (``QwenImageEditInpaintPipeline``). Pipelines load once per process per
-(path, kind, device, dtype); nothing is downloaded.
+Supported folders (``save_pretrained`` layouts with ``model_index.json``): FLUX.1 Fill
+(``FluxFillPipeline``), Qwen-Image-Edit (``QwenImageEditInpaintPipeline``), and the folders
+``AutoPipelineForInpainting`` maps to a pipeline that takes an image, a mask, a size and a strength
+and needs no control image: SD 1.5/2, SDXL, SD3, FLUX.1 dev/schnell, Qwen-Image, Z-Image (and their
+PAG variants). The others it maps (DeepFloyd IF, Kandinsky, ControlNet and FLUX Control) are refused
+at load with one line naming the family. Guidance follows the family (`guidance_plan`). Pipelines
+load once per process per (path, kind, device, dtype); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from tools.types import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
-#: Guidance that each pipeline family is usually run with, when the configuration gives none.
-DEFAULT_GUIDANCE: dict[str, float] = {"flux-fill": 30.0, "qwen-edit-inpaint": 4.0, "inpaint": 7.5}
+#: Arguments `DiffusersInpainter.generate` passes every pipeline; a family whose call lacks one is refused.
+CALL_ARGUMENTS = ("prompt", "image", "mask_image", "height", "width", "strength", "num_inference_steps", "generator")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,6 +88,62 @@ def pipeline_kind(model_path: str | Path, kind: str = "auto") -> str:
     return "inpaint"
 
 
+def guidance_plan(pipeline_class: type) -> tuple[str, float]:
+    """How a pipeline family takes guidance, and its usual scale when the configuration gives none.
+
+    ``true_cfg``: Qwen-Image models are not guidance-distilled; guidance is a second transformer pass
+    on a negative prompt (`true_cfg_scale`). ``distilled``: FLUX.1 models are guidance-distilled; the
+    scale is an input of the transformer (`guidance_scale`: Fill 30, dev 3.5) and a second pass would
+    only double the cost and oversaturate. ``cfg``: classic classifier-free guidance (`guidance_scale`,
+    the pipeline's own default: SD 7.5, SD3 7, Z-Image 5).
+    """
+    name = pipeline_class.__name__
+    if name.startswith("QwenImage"):
+        return "true_cfg", 4.0
+    if name.startswith("FluxFill"):
+        return "distilled", 30.0
+    if name.startswith("Flux"):
+        return "distilled", 3.5
+    default = inspect.signature(pipeline_class.__call__).parameters.get("guidance_scale")
+    value = default.default if default is not None else None
+    return "cfg", float(value) if isinstance(value, (int, float)) else 7.5
+
+
+def pipeline_class(model_path: str | Path, kind: str) -> type:
+    """The pipeline class a folder loads as, refused unless `DiffusersInpainter` can drive it.
+
+    Raises:
+        DiffusersModelError: One line naming the family when its pipeline lacks an argument this backend
+            passes, needs a control image, or is not an inpainting pipeline at all.
+    """
+    import diffusers  # heavy (seconds); only when this backend is chosen
+    from diffusers.pipelines.auto_pipeline import AUTO_INPAINT_PIPELINES_MAPPING, _get_task_class
+
+    if kind == "flux-fill":
+        return diffusers.FluxFillPipeline
+    if kind == "qwen-edit-inpaint":
+        return diffusers.QwenImageEditInpaintPipeline
+    class_name = str(json.loads((Path(model_path).expanduser() / "model_index.json").read_text()).get("_class_name", ""))
+    try:
+        cls = _get_task_class(AUTO_INPAINT_PIPELINES_MAPPING, class_name)
+    except ValueError:
+        raise DiffusersModelError(
+            f"diffusion_model_path {model_path} holds a {class_name or 'pipeline without _class_name'}, which has no "
+            "inpainting pipeline in diffusers; use an inpainting-capable family (SD, SDXL, SD3, FLUX.1, Qwen-Image, Z-Image)"
+        ) from None
+    family = next((key for key, value in AUTO_INPAINT_PIPELINES_MAPPING.items() if value is cls), cls.__name__)
+    accepted = inspect.signature(cls.__call__).parameters
+    missing = [name for name in CALL_ARGUMENTS if name not in accepted]
+    problem = (f"its pipeline takes no {'/'.join(missing)}" if missing else
+               "it needs a control image" if "control_image" in accepted else None)
+    if problem:
+        raise DiffusersModelError(
+            f"diffusion_model_path {model_path} is a '{family}' folder ({cls.__name__}), which this backend cannot "
+            f"drive: {problem}; use SD, SDXL, SD3, FLUX.1, Qwen-Image or Z-Image inpainting, FLUX.1 Fill or Qwen-Image-Edit"
+        )
+    return cls
+
+
 @lru_cache(maxsize=2)
 def load_pipeline(model_path: str, kind: str = "auto", device: str = "auto", dtype: str = "auto") -> Any:
     """The pipeline in `model_path`, loaded once per process and (path, kind, device, dtype).
@@ -94,13 +153,7 @@ def load_pipeline(model_path: str, kind: str = "auto", device: str = "auto", dty
     """
     kind = pipeline_kind(model_path, kind)
     device_name, torch_dtype = resolve_device_dtype(device, dtype)
-    import diffusers  # heavy (seconds); only when this backend is chosen
-
-    loader = {
-        "flux-fill": diffusers.FluxFillPipeline,
-        "qwen-edit-inpaint": diffusers.QwenImageEditInpaintPipeline,
-        "inpaint": diffusers.AutoPipelineForInpainting,
-    }[kind]
+    loader = pipeline_class(model_path, kind)  # the class AutoPipelineForInpainting would pick, checked
     index = json.loads((Path(model_path).expanduser() / "model_index.json").read_text())
     extra: dict[str, Any] = {}
     if "safety_checker" in index:
@@ -189,7 +242,7 @@ class DiffusersInpainter:
         kind: ``auto`` (from model_index.json), ``inpaint``, ``flux-fill`` or ``qwen-edit-inpaint``.
         strength: How far the pipeline may move from the init image inside the mask (0..1].
         steps: Denoising steps.
-        guidance: Guidance scale (true CFG for Qwen); None for the family's usual value.
+        guidance: Guidance scale, taken the family's way (see `guidance_plan`); None for its usual value.
         resolution: Long side sent to the pipeline; None for the pipeline's native size.
         init: ``sketch`` (the procedural defect, refined by the pipeline) or ``normal``.
         device: ``auto``, ``cpu``, ``cuda``...
@@ -211,8 +264,8 @@ class DiffusersInpainter:
         self.pipe = load_pipeline(self.model_path, self.kind, self.device, self.dtype)
         self.planner = ProceduralEngine()
         self._lock = threading.Lock()  # one pipeline per process, shared by batch worker threads
-        accepted = inspect.signature(self.pipe.__call__).parameters
-        self._true_cfg = "true_cfg_scale" in accepted
+        self._guidance_mode, default_guidance = guidance_plan(type(self.pipe))
+        self._guidance = self.guidance if self.guidance is not None else default_guidance
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
         self._multiple = max(16, 2 * scale)
         self._resolution = self.resolution or native_resolution(self.pipe)
@@ -228,7 +281,6 @@ class DiffusersInpainter:
         plan = plan_edit(self.planner, image, request)
         width, height = model_size(plan.window, self._resolution, self._multiple)
         init = plan.sketch if self.init == "sketch" else image
-        guidance = self.guidance if self.guidance is not None else DEFAULT_GUIDANCE.get(self.kind, 7.5)
         kwargs: dict[str, Any] = {
             "prompt": self._prompt(request, plan.sketch_result.info.get("shape")),
             "image": to_model(plan.crop(init), (width, height)),
@@ -241,10 +293,10 @@ class DiffusersInpainter:
             "generator": torch.Generator(device="cpu").manual_seed(int(request.seed)),
             "output_type": "pil",
         }
-        if self._true_cfg:
-            kwargs.update(true_cfg_scale=guidance, negative_prompt=" ")
+        if self._guidance_mode == "true_cfg":
+            kwargs.update(true_cfg_scale=self._guidance, negative_prompt=" ")
         else:
-            kwargs["guidance_scale"] = guidance
+            kwargs["guidance_scale"] = self._guidance
         started = time.perf_counter()
         hint = "lower diffusion_resolution or diffusion_steps, or free the GPU, then batch --resume"
         with self._lock, torch.inference_mode(), out_of_memory_ends_the_run(f"diffusers at {width}x{height}", hint):
@@ -260,7 +312,8 @@ class DiffusersInpainter:
             "init": self.init,
             "strength": self.strength,
             "steps": self.steps,
-            "guidance": guidance,
+            "guidance": self._guidance,
+            "guidance_mode": self._guidance_mode,
             "model_size": [width, height],
             "seconds": round(seconds, 3),
         }

@@ -7,6 +7,11 @@ the window around it and a mask in OpenAI's convention (a PNG whose *transparent
 to edit), and its answer is pasted back through the edit mask, so the result has the input's size and
 nothing outside the mask changes.
 
+Only what the target accepts is sent: the window goes at the supported size nearest its aspect ratio
+(`image_edit_sizes`; GPT image models take 1024x1024, 1536x1024 and 1024x1536 and refuse others), the
+answer is resized back to the window, and `response_format` is sent only when configured (GPT image
+models answer HTTP 400 "Unknown parameter" to it and always return base64).
+
 Transport is httpx with our own bounded retries (connection errors, timeouts, 429, 5xx; exponential
 backoff), and one-line errors that name the endpoint and the configuration keys to check.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +56,35 @@ def openai_mask(edit: Image.Image) -> Image.Image:
     return mask
 
 
+#: Sizes GPT image models accept for edits (besides 'auto'), as (width, height).
+GPT_IMAGE_SIZES: tuple[tuple[int, int], ...] = ((1024, 1024), (1536, 1024), (1024, 1536))
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...] | None:
+    """'1024x1024,1536x1024' -> ((1024, 1024), (1536, 1024)); 'any' -> None (the server takes any size).
+
+    Raises:
+        ValueError: an entry is not WIDTHxHEIGHT with positive integers.
+    """
+    if text.strip().lower() == "any":
+        return None
+    sizes = []
+    for entry in (part.strip() for part in text.split(",") if part.strip()):
+        width, _, height = entry.lower().partition("x")
+        if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            raise ValueError(f"{entry!r} is not WIDTHxHEIGHT (e.g. 1024x1024), nor 'any'")
+        sizes.append((int(width), int(height)))
+    if not sizes:
+        raise ValueError("no size given; list WIDTHxHEIGHT sizes or say 'any'")
+    return tuple(sizes)
+
+
+def nearest_size(window: tuple[int, int], sizes: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The size whose aspect ratio is nearest the window's (by log ratio; ties to the larger area)."""
+    aspect = math.log(window[0] / window[1])
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
+
+
 @dataclass
 class EndpointImageEditor:
     """`ImageGenerator` over an OpenAI-compatible ``/images/edits`` endpoint.
@@ -58,7 +93,10 @@ class EndpointImageEditor:
         base_url: The endpoint root, e.g. ``http://127.0.0.1:8001/v1`` (``image_edit_base_url``).
         model: Model name to send, or None to let the server choose (``image_edit_model``).
         api_key: Bearer token; local servers ignore it.
-        size: Long side of the window sent to the endpoint (``image_edit_size``).
+        size: Long side of the window sent when `sizes` is None (``image_edit_size``).
+        sizes: The sizes the endpoint accepts (``image_edit_sizes``); the window is stretched to the one
+            nearest its aspect and the answer stretched back. None: any size (the window's own aspect).
+        response_format: Sent only when set (``image_edit_response_format``).
         init: ``sketch`` (send the procedurally drawn defect) or ``normal``.
         timeout_s: Per-request timeout.
         max_retries: Extra tries on transient errors.
@@ -69,6 +107,8 @@ class EndpointImageEditor:
     model: str | None = None
     api_key: str = "EMPTY"
     size: int = 1024
+    sizes: tuple[tuple[int, int], ...] | None = GPT_IMAGE_SIZES
+    response_format: str | None = None
     init: str = "sketch"
     timeout_s: float = 120.0
     max_retries: int = 2
@@ -78,14 +118,12 @@ class EndpointImageEditor:
     def generate(self, image: np.ndarray, request: GenerationRequest) -> GenerationResult:
         """Plan the defect, have the endpoint edit its window, paste the answer back."""
         plan = plan_edit(self.planner, image, request)
-        width, height = model_size(plan.window, self.size)
+        x0, y0, x1, y1 = plan.window
+        width, height = model_size(plan.window, self.size) if self.sizes is None else nearest_size((x1 - x0, y1 - y0), self.sizes)
         init = plan.sketch if self.init == "sketch" else image
-        data = {
-            "prompt": model_prompt(request, plan.sketch_result.info.get("shape")),
-            "n": "1",
-            "size": f"{width}x{height}",
-            "response_format": "b64_json",
-        }
+        data = {"prompt": model_prompt(request, plan.sketch_result.info.get("shape")), "n": "1", "size": f"{width}x{height}"}
+        if self.response_format:
+            data["response_format"] = self.response_format
         if self.model:
             data["model"] = self.model
         edit_area = openai_mask(to_model(plan.crop(plan.edit_mask), (width, height)))

@@ -38,7 +38,7 @@ class GRPOJobConfig:
             (rollouts go to `base_url`, an OpenAI-compatible server that returns token ids and logprobs:
             vLLM or `anomaly-agent serve-policy`; weights are synced to it after each update).
         weight_sync: For ``openai``: ``serve-policy`` (POST /v1/load_weights), ``vllm`` (POST
-            /collective_rpc to `training.grpo_vllm.ReloadWorkerExtension`), or ``none``.
+            /collective_rpc to `training.grpo_sync.ReloadWorkerExtension`), or ``none``.
         graph: `graph.configuration.Configuration` fields for every rollout (thresholds, budget).
         tasks_per_step: Tasks per generation round; each gets `num_generations` rollouts.
         train_tasks / train_sample_seed: The training task pool: `evals.policy_eval.make_tasks` over

@@ -13,7 +13,9 @@ asks the server to load them from there; the server and the trainer share a file
   then ``POST {root}/collective_rpc {"method": "reload_weights_from", "args": [FOLDER]}`` runs
   `ReloadWorkerExtension.reload_weights_from` in every worker, which feeds the tensors to the model's
   own ``load_weights`` (vLLM maps HF names onto its fused layers there), and ``POST {root}/reset_prefix_cache``
-  drops KV blocks computed with the old weights. vLLM returns ``prompt_token_ids`` / ``token_ids`` with
+  drops KV blocks computed with the old weights. That route answers 200 even when the reset failed, which
+  it does while any request holds KV blocks, so the reset is made and checked on the server's
+  ``/metrics`` (`reset_prefix_cache`). vLLM returns ``prompt_token_ids`` / ``token_ids`` with
   ``"return_token_ids": true`` and logprobs with ``"logprobs": true``; the `openai` policy asks for both.
 
 The vLLM side is written against vLLM's documented dev-mode ``/collective_rpc`` and worker-extension
@@ -24,6 +26,7 @@ tested over real HTTP.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +58,80 @@ def sync_weights(config: Any, model: Any, folder: Path, timeout_s: float = 300.0
         RuntimeError: the server refused, with its answer, so training stops instead of learning from
             rollouts of stale weights.
     """
-    import httpx
-
     if config.weight_sync == "none":
         return
     folder = write_trained(model, Path(folder).resolve())
     root = server_root(config.base_url)
     if config.weight_sync == "serve-policy":
-        calls = [("/v1/load_weights", {"path": str(folder)})]
+        _post(root + "/v1/load_weights", {"path": str(folder)}, timeout_s)
     else:
-        calls = [("/collective_rpc", {"method": "reload_weights_from", "args": [str(folder)]}), ("/reset_prefix_cache", None)]
-    for route, body in calls:
-        response = httpx.post(root + route, json=body, timeout=timeout_s)
-        if response.status_code >= 400:
-            raise RuntimeError(f"weight sync {route} failed ({response.status_code}): {response.text[:300]}")
+        _post(root + "/collective_rpc", {"method": "reload_weights_from", "args": [str(folder)]}, timeout_s)
+        reset_prefix_cache(root, timeout_s)
     logger.info("synced weights from %s to %s", folder, root)
+
+
+def _post(url: str, body: Any, timeout_s: float) -> None:
+    import httpx
+
+    response = httpx.post(url, json=body, timeout=timeout_s)
+    if response.status_code >= 400:
+        raise RuntimeError(f"weight sync {url} failed ({response.status_code}): {response.text[:300]}")
+
+
+#: vLLM's scheduler gauges that are zero only when no request holds KV blocks, and counters that move
+#: whenever a request is scheduled (`vllm.v1.metrics.loggers.PrometheusStatLogger`).
+IDLE_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+ACTIVITY_COUNTERS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total")
+
+
+def server_load(root: str, timeout_s: float = 30.0) -> tuple[float, float]:
+    """(sum of IDLE_GAUGES, sum of ACTIVITY_COUNTERS) over every engine, from ``{root}/metrics``.
+
+    Raises:
+        RuntimeError: the server has no Prometheus metrics or lacks vLLM's scheduler gauges.
+    """
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(root + "/metrics", timeout=timeout_s)
+    if response.status_code >= 400:
+        raise RuntimeError(f"weight sync {root}/metrics failed ({response.status_code}): {response.text[:300]}")
+    samples = [s for family in text_string_to_metric_families(response.text) for s in family.samples]
+    found = {s.name for s in samples}
+    if not set(IDLE_GAUGES) <= found:
+        raise RuntimeError(f"{root}/metrics lacks {sorted(set(IDLE_GAUGES) - found)}: is it vLLM with metrics on?")
+    return (sum(s.value for s in samples if s.name in IDLE_GAUGES),
+            sum(s.value for s in samples if s.name in ACTIVITY_COUNTERS))
+
+
+def reset_prefix_cache(root: str, timeout_s: float = 300.0, poll_s: float = 0.5) -> int:
+    """Reset vLLM's prefix cache and make sure it took effect; returns the resets it took.
+
+    vLLM's reset fails (answering 200 all the same) while any request holds KV blocks. So: wait until
+    its gauges say no request runs, waits or holds a block, reset, and read the metrics again; the
+    reset took effect when the server was still idle and nothing was scheduled in between (the
+    activity counters did not move). Otherwise wait and reset again.
+
+    Raises:
+        RuntimeError: the server did not go idle within `timeout_s` (a stray client keeps it busy).
+    """
+    deadline = time.monotonic() + timeout_s
+    attempts = 0
+    while True:
+        load, activity = server_load(root)
+        if load == 0:
+            attempts += 1
+            _post(root + "/reset_prefix_cache", None, timeout_s)
+            after_load, after_activity = server_load(root)
+            if after_load == 0 and after_activity == activity:
+                return attempts
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"weight sync: {root} still had requests holding KV blocks after {timeout_s:g}s, so its prefix "
+                "cache could not be reset; stop other clients of the rollout server"
+            )
+        logger.info("rollout server busy; waiting to reset its prefix cache")
+        time.sleep(poll_s)
 
 
 class ReloadWorkerExtension:
