@@ -21,6 +21,7 @@ from langchain_core.runnables import RunnableConfig
 from graph import prompts
 from graph.configuration import Configuration, ConfigurationError
 from graph.policies import PolicyError, get_policy
+from graph.protocol import BUDGET_REFUSAL, best_image, error_message
 from graph.state import AgentState
 from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
 from graph.toolbox import get_toolbox
@@ -126,12 +127,12 @@ def policy_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     first, rest = calls[0], calls[1:]
     answer_at = len(new_messages)
     for extra in rest:
-        new_messages.append(_tool_message(prompts.error_observation("one tool call per turn; this one was ignored"), extra))
+        new_messages.append(_error_message("one tool call per turn; this one was ignored", extra))
 
     if not isinstance(first, InvalidCall) and first.name == "image_gen" and view.get("image_gens", 0) >= cfg.max_image_gens:
-        first = InvalidCall(first.name, "the image_gen budget is used up; call mask_gen on your best image", first.call_id)
+        first = InvalidCall(first.name, f"{BUDGET_REFUSAL}; call mask_gen on your best image", first.call_id)
     if isinstance(first, InvalidCall):
-        new_messages.insert(answer_at, _tool_message(prompts.error_observation(first.error), first))
+        new_messages.insert(answer_at, _error_message(first.error, first))
         return {
             **update,
             "messages": new_messages,
@@ -159,8 +160,8 @@ def _add_time(state: AgentState, key: str, seconds: float) -> dict[str, float]:
     return timings
 
 
-def _tool_message(content: str, call: Any) -> ToolMessage:
-    return ToolMessage(content=content, tool_call_id=call.call_id or "none", name=call.name)
+def _error_message(error: str, call: Any) -> ToolMessage:
+    return error_message(prompts.error_observation(error), call.call_id or "none", call.name)
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -173,17 +174,18 @@ def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Config
         cfg = Configuration.from_runnable_config(config)
         call = state["pending_call"]
         started = time.perf_counter()
+        status = "success"
         try:
             observation, update = run(state, call["args"], cfg)
         except ToolFailure as failure:
-            observation, update = prompts.error_observation(str(failure)), {}
+            observation, update, status = prompts.error_observation(str(failure)), {}, "error"
         except (BackendUnavailableError, ConfigurationError) as error:
             # The backend itself is down or misconfigured: end the run (finalize keeps the best image
             # so far) instead of crashing the batch; `batch --resume` reruns it.
             logger.error("%s backend failed; ending the run: %s", name, error)
             observation = prompts.error_observation(f"the {name} backend failed: {error}")
-            update = {"status": "backend_error", "error": str(error)}
-        message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
+            update, status = {"status": "backend_error", "error": str(error)}, "error"
+        message = ToolMessage(content=observation, tool_call_id=call["id"], name=name, status=status)
         return {
             **update,
             "timings": _add_time(state, name, time.perf_counter() - started),
@@ -371,10 +373,7 @@ def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str
     passed_and_masked = [int(k) for k in masks if evaluations.get(k, {}).get("passed")]
     if passed_and_masked:
         return max(passed_and_masked), "success"
-    if evaluations:
-        best = int(max(evaluations, key=lambda k: (evaluations[k]["location"] + evaluations[k]["quality"], int(k))))
-    else:
-        best = max(int(k) for k in generations)
+    best = best_image(evaluations, map(int, generations))
     if infrastructure:
         return best, infrastructure
     out_of_budget = (

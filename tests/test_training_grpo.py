@@ -75,7 +75,7 @@ def tiny_llama(layers: int = 4):
 
 
 def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, sample_dir):
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
 
     config = job(tmp_path, tiny)
     tasks = make_tasks(tmp_path / "tasks", 1, seed=7)
@@ -482,7 +482,7 @@ def test_openai_rollouts_through_serve_policy_record_tokens_and_sync_weights(tin
     try:
         config = job(tmp_path, tiny, rollout_backend="openai", base_url=served.base_url, weight_sync="serve-policy")
         tasks_dir = tmp_path / "t"
-        from evals.policy_eval import make_tasks
+        from graph.tasks import make_tasks
 
         groups = run_groups(make_tasks(tasks_dir, 1, seed=7), 2, config.graph_overrides(), tmp_path / "runs",
                             config.weights, workers=2)

@@ -8,7 +8,8 @@ import json
 import pytest
 from tiny_llm import build_tiny_llm
 
-from training.grpo_guard import (FINAL_ANSWER, Probe, UpdateGuard, called_tool, candidate_probes, checked_positions,
+from graph.protocol import FINAL_ANSWER
+from training.grpo_guard import (Probe, UpdateGuard, called_tool, candidate_probes, checked_positions,
                                  probe_passes, turn_move)
 from training.grpo_rewards import RewardBreakdown
 from training.grpo_rollouts import Rollout, Turn

@@ -31,7 +31,7 @@ TRAIN_SAMPLE_SEED = 1
 REVERSE_SAMPLE_SEED = 3
 GRAPH_BATCH_SEED = 11
 HELD_OUT_EVAL_SEEDS = (0,)
-EVAL_IMAGES_PER_CATEGORY = 2  # evals.policy_eval.make_tasks: make_samples(per_category=2)
+EVAL_IMAGES_PER_CATEGORY = 2  # graph.tasks.make_tasks: make_samples(per_category=2)
 
 
 def category_types() -> dict[str, list[str]]:

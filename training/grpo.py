@@ -54,7 +54,7 @@ FINAL = "final"
 
 def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list[Any]]:
     """(training tasks, held-out tasks); raises if a training image is a held-out image."""
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
     if config.train_sample_seed == config.heldout_seed:
@@ -68,7 +68,7 @@ def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list
 
 def make_validation_tasks(config: GRPOJobConfig, folder: Path) -> list[Any]:
     """The validation tasks (none when `validation_tasks` is 0); raises if an image is a held-out one."""
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
     if not config.validation_tasks:

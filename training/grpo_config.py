@@ -41,7 +41,7 @@ class GRPOJobConfig:
             /collective_rpc to `training.grpo_vllm.ReloadWorkerExtension`), or ``none``.
         graph: `graph.configuration.Configuration` fields for every rollout (thresholds, budget).
         tasks_per_step: Tasks per generation round; each gets `num_generations` rollouts.
-        train_tasks / train_sample_seed: The training task pool: `evals.policy_eval.make_tasks` over
+        train_tasks / train_sample_seed: The training task pool: `graph.tasks.make_tasks` over
             sample images of that seed, checked disjoint (by image hash) from the held-out images.
         heldout_tasks / heldout_seed / eval_generations: The held-out set (the `eval policy` tasks of that
             seed) and the rollouts per held-out task for the before/after reward.

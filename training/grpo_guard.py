@@ -51,18 +51,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from graph.policies.chat import TOOL_CALL_OPEN
+from graph.protocol import FINAL_ANSWER, FORCED_MOVES
 
 logger = logging.getLogger(__name__)
-
-#: The probe "tool" of the final answer (a turn without a call), the only move the protocol allows after the mask.
-FINAL_ANSWER = "final_answer"
-
-#: (previous call, the only move the protocol allows next) - None: the run's first call.
-FORCED_CALLS: frozenset[tuple[str | None, str]] = frozenset({
-    (None, "prompt_gen"), ("prompt_gen", "image_gen"), ("image_gen", "quality_eval"), ("quality_eval", "mask_gen"),
-    ("mask_gen", FINAL_ANSWER),
-})
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -114,7 +105,7 @@ def checked_positions(tokenizer: Any, prompt_length: int, token_ids: list[int], 
 
 
 def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
-    """The forced states (`FORCED_CALLS`) of every rollout that succeeded and followed the protocol.
+    """The forced states (`FORCED_MOVES`) of every rollout that succeeded and followed the protocol.
 
     A ``quality_eval -> mask_gen`` state counts only in such a run, where mask_gen's image had passed; the
     final answer counts where it follows the run's mask_gen.
@@ -131,7 +122,7 @@ def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
                 tool = turn_move(tokenizer.decode(turn.token_ids, skip_special_tokens=False))
                 if tool is None:
                     break  # a turn the protocol has no single move for: nothing is forced after it
-                if (previous, tool) in FORCED_CALLS:
+                if (previous, tool) in FORCED_MOVES:
                     checked = checked_positions(tokenizer, len(turn.prompt_ids), list(turn.token_ids), tool)
                     if checked:
                         probes.append(Probe((*turn.prompt_ids, *turn.token_ids), checked, tool))
@@ -206,7 +197,7 @@ class UpdateGuard:
         """
         if not self.enabled:
             return 0
-        have = {tool: sum(p.tool == tool for p in self.probes) for _, tool in FORCED_CALLS}
+        have = {tool: sum(p.tool == tool for p in self.probes) for _, tool in FORCED_MOVES}
         known = set(self.probes)
         wanted: list[Probe] = []
         for probe in candidate_probes(groups, self.tokenizer):

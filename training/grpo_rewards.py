@@ -8,7 +8,7 @@
 * reflection: sum over successive image_gen attempts of max(0, S_m - S_{m-1}) / 10, where S_m is the QE
   score of the m-th evaluated attempt: a retry that fixes what QE named is paid, a worse one is not punished.
 * behaviour: the mean of three checks, each in [0, 1] - the share of valid turns (one validating call, or
-  a final answer after mask_gen), protocol order (`evals.policy_eval.follows_protocol`: PG first, KR only
+  a final answer after mask_gen), protocol order (`graph.protocol.follows_protocol`: PG first, KR only
   after a failed QE, MG last and only after a pass) and whether the policy masked its own image - minus
   `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one)
   and `repeated_call_penalty` per repeated call: a quality_eval, mask_gen or knowledge_retrieval that ran
@@ -24,14 +24,10 @@ output and trajectory record, so a malformed run (no calls, garbage text) gets l
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from langchain_core.messages import ToolMessage
-
-BUDGET_REFUSAL = "budget is used up"
-DETERMINISTIC_TOOLS = ("quality_eval", "mask_gen", "knowledge_retrieval")
+from graph.protocol import is_budget_refusal, measure_run, repeated_call_turns
 
 
 @dataclass(frozen=True)
@@ -85,37 +81,19 @@ def reflection_reward(evaluations: dict[str, dict[str, Any]]) -> float:
 
 def over_budget_calls(messages: list[Any], status: str) -> int:
     """Calls the graph refused for budget, plus one when the run ran out of steps."""
-    refused = sum(isinstance(m, ToolMessage) and BUDGET_REFUSAL in str(m.content) for m in messages)
+    refused = sum(is_budget_refusal(m) for m in messages)
     return refused + (status == "budget_exhausted")
 
 
-def repeated_call_turns(messages: list[Any]) -> list[bool]:
-    """For each assistant message, whether the call it ran repeats an earlier executed call of a tool that
-    answers the same arguments the same way (`DETERMINISTIC_TOOLS`); GRPO gives such a turn no positive credit."""
-    from langchain_core.messages import AIMessage
-
-    from evals.policy_eval import executed_calls
-
-    flags = [False] * sum(isinstance(m, AIMessage) for m in messages)
-    seen: set[str] = set()
-    for call in executed_calls(messages):
-        if call.name in DETERMINISTIC_TOOLS:
-            key = call.name + json.dumps(call.args, sort_keys=True)
-            flags[call.turn] = key in seen
-            seen.add(key)
-    return flags
-
-
 def repeated_calls(messages: list[Any]) -> int:
-    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one."""
+    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one
+    (`graph.protocol.repeated_call_turns`; GRPO gives such a turn no positive credit)."""
     return sum(repeated_call_turns(messages))
 
 
 def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,
                   weights: RewardWeights) -> RewardBreakdown:
     """The reward of one finished run from the graph's output and its trajectory record (see module doc)."""
-    from evals.policy_eval import measure_run
-
     result = output.get("result") or {}
     metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
     task, iou = task_reward(result, weights.mask_iou_weight)

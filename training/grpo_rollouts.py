@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage
 
-from evals.policy_eval import Task, message_text, turns_accepted
-from training.grpo_rewards import RewardBreakdown, RewardWeights, repeated_call_turns, score_rollout
+from graph.protocol import message_text, repeated_call_turns, turns_accepted
+from graph.tasks import Task
+from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
 
 if TYPE_CHECKING:
     from graph.policies.batched_generation import BatchScheduler
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Turn:
     """One policy turn as generated: its prompt ids, the sampled ids, their sampling log-probabilities, and
-    whether the graph took it (`evals.policy_eval.turns_accepted`: a valid call not answered with an error)."""
+    whether the graph took it (`graph.protocol.turns_accepted`: a valid call not answered with an error)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
