@@ -29,7 +29,7 @@ class Served:
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "graph.cli", "serve-policy", "--model", str(model), "--port", str(self.port)],
+            [sys.executable, "-m", "anomaly_agent_cli", "serve-policy", "--model", str(model), "--port", str(self.port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 90

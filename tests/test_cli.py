@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graph.cli import main
+from anomaly_agent_cli import main
 
 
 def _synthesize(image, out, category="metal_nut", anomaly_type="scratch", *extra):

@@ -9,7 +9,7 @@ from langchain_core.messages import AIMessage, ToolMessage
 
 from graph.protocol import ExecutedCall, error_message, executed_calls, follows_protocol, turn_is_valid
 from graph.tasks import make_tasks
-from graph.cli import main
+from anomaly_agent_cli import main
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,7 +13,7 @@ import yaml
 from served_policy import Served
 from tiny_llm import build_tiny_llm
 
-from graph.cli import main
+from anomaly_agent_cli import main
 from training import grpo_rollouts
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_loss import (build_sequences, frozen_trunk_layers, group_advantages, per_token_loss,

@@ -11,7 +11,7 @@ from served_policy import Served
 from tiny_llm import build_tiny_llm
 
 from graph.batch import list_images, plan, run_batch
-from graph.cli import main
+from anomaly_agent_cli import main
 from graph.configuration import Configuration
 from graph.graph import build_graph, recursion_limit
 from graph.policies.chat_template import template_supports_tools

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from graph.batch import list_images, plan, run_batch
-from graph.cli import main
+from anomaly_agent_cli import main
 from graph.tool_calls import tool_schemas
 from training.trajectories import (
     TrajectoryError,
