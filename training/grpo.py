@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.imaging import write_text_atomic
+from training.grpo_callbacks import (GRPOCallback, GuardCallback, SelectionCallback, TimeLimitCallback, TrainerControl,
+                                     WeightSyncCallback)
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
@@ -157,134 +159,205 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
                 selector.last_seconds())
 
 
-def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Run GRPO as configured; return the summary also written to ``output_dir/grpo_summary.json``."""
-    import torch
+class GRPOTrainer:
+    """GRPO through the agent graph, in TRL's trainer shape: `rollout`, `update`, `evaluate`, `validate` and
+    `save` steps, and callbacks (`training.grpo_callbacks`) for the update guard, the validation that keeps
+    the best policy, the time limit and the weight sync.
 
-    from graph.policies.local_model import load_local_model
-    from training.grpo_sync import sync_weights
-    from training.sft import count_parameters, freeze_for_training
+    Args:
+        config: The run.
+        callbacks: The hooks into the loop; None: `default_callbacks`.
+        progress: Progress bars on stderr.
+    """
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    trl_args = config.to_trl()  # TRL's GRPOConfig validates and holds the optimisation fields
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, local = load_policy(config)
-    ref = None
-    if trl_args.beta != 0.0:
-        ref = copy.deepcopy(model).eval()
-        for parameter in ref.parameters():
-            parameter.requires_grad = False
-    adapters = add_lora(model, config) if config.lora_r else None
-    params = freeze_for_training(model, config.trainable_layers, False) if adapters is None else count_parameters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=trl_args.learning_rate,
-                                  weight_decay=trl_args.weight_decay)
-    train_tasks, heldout = make_task_sets(config, out / "tasks")
-    guard = UpdateGuard(model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
-                        config.guard_backtracks)
-    validation = make_validation_tasks(config, out / "tasks")
-    selector = CheckpointSelector()
-    state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
-    if resume:
-        state = load_checkpoint(out / CHECKPOINT, model, optimizer)
-        guard.restore(state.pop("guard_probes", []))
-        selector = CheckpointSelector.load(out / CHECKPOINT, state.pop("selection", None))
-        trim_logs_to_checkpoint(out, state["step"], before_done=state["before"] is not None)
-        logger.info("resumed at step %d from %s", state["step"], out / CHECKPOINT)
-        if config.rollout_backend == "openai":
-            sync_weights(config, model, out / "sync")
-    else:
-        for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    started = time.perf_counter()
-    if config.evaluate_before_after and state["before"] is None:
-        state["before"] = evaluate(config, heldout, out, "before", progress)
-    gas = trl_args.gradient_accumulation_steps
-    train_started = time.perf_counter() - state["train_seconds"]
-    stopped_by_time = False
-    if validation and selector.last_step() is None:
-        validate(config, validation, out, 0, local, selector, model, progress)
-    for step in range(state["step"], trl_args.max_steps):
-        t0 = time.perf_counter()
-        tasks = [train_tasks[(step * config.tasks_per_step + j) % len(train_tasks)] for j in range(config.tasks_per_step)]
-        run_dir = out / "runs" / f"step{step:04d}"
-        groups = run_groups(tasks, trl_args.num_generations, config.graph_overrides(), run_dir, config.weights,
-                            workers=config.workers, progress=progress, desc=f"step {step + 1} rollouts")
+    def __init__(self, config: GRPOJobConfig, *, callbacks: list[GRPOCallback] | None = None,
+                 progress: bool = False) -> None:
+        import torch
+
+        from graph.policies.local_model import load_local_model
+        from training.sft import count_parameters, freeze_for_training
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.progress = progress
+        self.trl_args = config.to_trl()  # TRL's GRPOConfig validates and holds the optimisation fields
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model, self.local = load_policy(config)
+        self.ref = None
+        if self.trl_args.beta != 0.0:
+            self.ref = copy.deepcopy(self.model).eval()
+            for parameter in self.ref.parameters():
+                parameter.requires_grad = False
+        self.adapters = add_lora(self.model, config) if config.lora_r else None
+        self.parameters = (freeze_for_training(self.model, config.trainable_layers, False) if self.adapters is None
+                           else count_parameters(self.model))
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=self.trl_args.learning_rate, weight_decay=self.trl_args.weight_decay)
+        self.train_tasks, self.heldout = make_task_sets(config, self.out / "tasks")
+        self.guard = UpdateGuard(self.model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
+                                 config.guard_backtracks)
+        self.validation = make_validation_tasks(config, self.out / "tasks")
+        self.selector = CheckpointSelector()
+        self.state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
+        self.callbacks = default_callbacks(self.guard) if callbacks is None else callbacks
+        self._train_started = 0.0
+
+    # ----------------------------------------------------------------------------------------- steps
+
+    def rollout(self, step: int) -> list[list[Any]]:
+        """The step's groups: `num_generations` scored rollouts of each of its `tasks_per_step` training tasks."""
+        config = self.config
+        tasks = [self.train_tasks[(step * config.tasks_per_step + j) % len(self.train_tasks)]
+                 for j in range(config.tasks_per_step)]
+        run_dir = self.out / "runs" / f"step{step:04d}"
+        groups = run_groups(tasks, self.trl_args.num_generations, config.graph_overrides(), run_dir, config.weights,
+                            workers=config.workers, progress=self.progress, desc=f"step {step + 1} rollouts")
         shutil.rmtree(run_dir, ignore_errors=True)  # images of finished rollouts are not needed again
-        t_rollouts = time.perf_counter() - t0
-        _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
+        return groups
+
+    def update(self, step: int, groups: list[list[Any]]) -> tuple[dict[str, Any], list[Any], int]:
+        """Advantages, then `policy_update` between the guard's hooks; returns (update fields, sequences, dropped)."""
+        config, gas = self.config, self.trl_args.gradient_accumulation_steps
         sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
                                                config.refusal_credit, config.negative_advantage_scale,
                                                config.rejected_token_max_prob)
-        t_guard = time.perf_counter()
-        probes_added = guard.add_probes(groups)
-        steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
-        before_update = guard.snapshot(optimizer) if steps_optimizer else None
-        t_guard = time.perf_counter() - t_guard
-        update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
-                               progress=progress)
-        if guard.enabled:
-            t_check = time.perf_counter()
-            update.update(guard.check(optimizer, before_update), probes_added=probes_added)
-            update["guard_seconds"] = round(t_guard + time.perf_counter() - t_check, 2)
-        if local is not None and "grad_norm" in update:
-            local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
-        summary = reward_summary(groups)
-        row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
-               "groups_dropped": dropped, "sequences": len(sequences),
-               "pushed_down_tokens": sum(c < 0 for s in sequences for c in s.turn_credit or ()), **update,
-               "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
-        state["history"].append(row)
-        _append_jsonl(out / STEPS_FILE, [row])
-        logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
-                    row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
-        state["step"] = step + 1
-        if config.rollout_backend == "openai" and config.weight_sync != "none":
-            sync_weights(config, model, out / "sync")
-        # the last validation's time is reserved, so the one after the last step still fits the limit
-        limit_hit = not next_step_fits(time.perf_counter() - train_started + selector.last_seconds(),
-                                       state["history"], config.time_limit_s)
-        if validation and (state["step"] % config.validate_every == 0 or state["step"] == trl_args.max_steps
-                           or limit_hit):
-            validate(config, validation, out, state["step"], local, selector, model, progress)
-        state["train_seconds"] = time.perf_counter() - train_started
-        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, selector.history)
-        if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()},
-                            selector)
-        if limit_hit:
-            stopped_by_time = True
-            logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step was "
-                           "forecast at %.0f s)", config.time_limit_s, step + 1, state["train_seconds"],
-                           expected_step_seconds(state["history"]))
-            break
-    if validation and selector.last_step() != state["step"]:  # stopped early: the last policy is a candidate too
-        validate(config, validation, out, state["step"], local, selector, model, progress)
-    selected_step = selector.restore_best(model)
-    if selected_step is not None:
-        logger.info("selected the policy after step %s of %d (validation reward %.3f)", selected_step, state["step"],
-                    selector.best_reward)
-        if local is not None:
-            local.enable_prefix_cache(config.prefix_cache)
-    after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
-    plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after, selector.history)
-    _save_final(model if adapters is None else merged_copy(adapters), config, out / FINAL)
-    summary = {
-        "model": str(config.model), "output_dir": str(out), "final_model": str(out / FINAL),
-        "steps": state["step"], "parameters": params, "torch_threads": torch.get_num_threads(),
-        "before": state.get("before"), "after": after, "history": state["history"],
-        "paired": paired_difference(state["before"], after) if state.get("before") and after else None,
-        "validation": selector.history, "selected_step": selected_step,
-        "train_seconds": round(state["train_seconds"], 1), "stopped_by_time_limit": stopped_by_time,
-        "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
-        "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout],
-        "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(train_tasks)
-                                    if i < state["step"] * config.tasks_per_step}),
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    return summary
+        self._call("on_rollouts_end", groups)
+        steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or self.trl_args.num_iterations > 1)
+        self._call("on_update_begin", steps_optimizer)
+        update = policy_update(self.model, self.ref, self.optimizer, sequences, self.trl_args,
+                               apply=(step + 1) % gas == 0, progress=self.progress)
+        self._call("on_update_end", update)
+        return update, sequences, dropped
+
+    def evaluate(self, label: str) -> dict[str, Any]:
+        """The held-out reward of the current policy (`evaluate`)."""
+        return evaluate(self.config, self.heldout, self.out, label, self.progress)
+
+    def validate(self, step: int) -> None:
+        """Score the current policy on the validation tasks and offer it to the selector (`validate`)."""
+        validate(self.config, self.validation, self.out, step, self.local, self.selector, self.model, self.progress)
+
+    def save(self) -> Path:
+        """The checkpoint ``--resume`` continues from."""
+        return save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer,
+                               {**self.state, "guard_probes": self.guard.probe_records()}, self.selector)
+
+    def save_final(self) -> Path:
+        """The kept policy as a full model folder (adapters merged)."""
+        _save_final(self.model if self.adapters is None else merged_copy(self.adapters), self.config, self.out / FINAL)
+        return self.out / FINAL
+
+    def flush_rollout_cache(self) -> None:
+        """Drop the local engine's kept conversations (their attention keys belong to other weights)."""
+        if self.local is not None:
+            self.local.enable_prefix_cache(self.config.prefix_cache)
+
+    def sync_weights(self) -> None:
+        """Send the trained weights to the openai backend's server."""
+        from training.grpo_sync import sync_weights
+
+        sync_weights(self.config, self.model, self.out / "sync")
+
+    def train_seconds(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return time.perf_counter() - self._train_started
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def resume(self) -> None:
+        """Continue from ``output_dir/checkpoint``: weights, optimizer, probes, selection and logs."""
+        self.state = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer)
+        self.guard.restore(self.state.pop("guard_probes", []))
+        self.selector = CheckpointSelector.load(self.out / CHECKPOINT, self.state.pop("selection", None))
+        trim_logs_to_checkpoint(self.out, self.state["step"], before_done=self.state["before"] is not None)
+        logger.info("resumed at step %d from %s", self.state["step"], self.out / CHECKPOINT)
+        if self.config.rollout_backend == "openai":
+            self.sync_weights()
+
+    def train(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run the steps; return the summary also written to ``output_dir/grpo_summary.json``."""
+        import torch
+
+        out, state = self.out, self.state
+        if resume:
+            self.resume()
+            state = self.state
+        else:
+            for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        started = time.perf_counter()
+        if self.config.evaluate_before_after and state["before"] is None:
+            state["before"] = self.evaluate("before")
+        self._train_started = time.perf_counter() - state["train_seconds"]
+        control = TrainerControl()
+        self._call("on_train_begin", control)
+        for step in range(state["step"], self.trl_args.max_steps):
+            t0 = time.perf_counter()
+            control = TrainerControl(stopped_by_time_limit=control.stopped_by_time_limit)
+            groups = self.rollout(step)
+            t_rollouts = time.perf_counter() - t0
+            _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
+            update, sequences, dropped = self.update(step, groups)
+            summary = reward_summary(groups)
+            row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
+                   "groups_dropped": dropped, "sequences": len(sequences),
+                   "pushed_down_tokens": sum(c < 0 for s in sequences for c in s.turn_credit or ()), **update,
+                   "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
+            state["history"].append(row)
+            _append_jsonl(out / STEPS_FILE, [row])
+            logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
+                        row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
+            state["step"] = step + 1
+            self._call("on_step_end", control)
+            if control.should_validate:
+                self.validate(state["step"])
+            state["train_seconds"] = self.train_seconds()
+            plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, self.selector.history)
+            if (state["step"] % self.config.save_steps == 0 or state["step"] == self.trl_args.max_steps
+                    or control.should_training_stop or control.should_save):
+                self.save()
+            if control.should_training_stop:
+                if control.stopped_by_time_limit:
+                    logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step "
+                                   "was forecast at %.0f s)", self.config.time_limit_s, step + 1,
+                                   state["train_seconds"], expected_step_seconds(state["history"]))
+                break
+        self._call("on_train_end", control)
+        after = self.evaluate("after") if self.config.evaluate_before_after else None
+        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after, self.selector.history)
+        self.save_final()
+        summary = {
+            "model": str(self.config.model), "output_dir": str(out), "final_model": str(out / FINAL),
+            "steps": state["step"], "parameters": self.parameters, "torch_threads": torch.get_num_threads(),
+            "before": state.get("before"), "after": after, "history": state["history"],
+            "paired": paired_difference(state["before"], after) if state.get("before") and after else None,
+            "validation": self.selector.history, "selected_step": self.selector.best_step,
+            "train_seconds": round(state["train_seconds"], 1),
+            "stopped_by_time_limit": control.stopped_by_time_limit,
+            "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
+            "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in self.heldout],
+            "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(self.train_tasks)
+                                        if i < state["step"] * self.config.tasks_per_step}),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+
+def default_callbacks(guard: UpdateGuard) -> list[GRPOCallback]:
+    """The guard, weight sync, time limit and selection, in the order their hooks run."""
+    return [GuardCallback(guard), WeightSyncCallback(), TimeLimitCallback(), SelectionCallback()]
+
+
+def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run GRPO as configured (`GRPOTrainer`); return the summary also written to ``output_dir/grpo_summary.json``."""
+    return GRPOTrainer(config, progress=progress).train(resume=resume)
 
 
 def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> float:

@@ -24,10 +24,11 @@ output and trajectory record, so a malformed run (no calls, garbage text) gets l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from graph.protocol import is_budget_refusal, measure_run, repeated_call_turns
+from graph.protocol import RunMetrics, is_budget_refusal, measure_run, repeated_call_turns
 
 
 @dataclass(frozen=True)
@@ -91,22 +92,61 @@ def repeated_calls(messages: list[Any]) -> int:
     return sum(repeated_call_turns(messages))
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What the reward functions read from one finished run (computed once per rollout)."""
+
+    result: dict[str, Any]
+    evaluations: dict[str, dict[str, Any]]
+    metrics: RunMetrics
+    valid_share: float
+    over_budget: int
+    repeated_calls: int
+
+
+#: A named reward function: (name, its weight in R, the function of a run's facts).
+RewardFunction = tuple[str, float, Callable[[RunFacts], float]]
+
+
+def reward_functions(weights: RewardWeights) -> list[RewardFunction]:
+    """DESIGN §6's three rewards with their weights, in the order R sums them (TRL's ``reward_funcs``)."""
+
+    def task(facts: RunFacts) -> float:
+        return task_reward(facts.result, weights.mask_iou_weight)[0]
+
+    def reflection(facts: RunFacts) -> float:
+        return reflection_reward(facts.evaluations)
+
+    def behaviour(facts: RunFacts) -> float:
+        metrics = facts.metrics
+        checks = (facts.valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
+        return checks - (weights.over_budget_penalty * facts.over_budget
+                         + weights.repeated_call_penalty * facts.repeated_calls)
+
+    return [("task", weights.task, task), ("reflection", weights.reflection, reflection),
+            ("behaviour", weights.behaviour, behaviour)]
+
+
+def run_facts(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int) -> RunFacts:
+    """The facts of one finished run from the graph's output and its trajectory record."""
+    metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
+    messages = output.get("messages") or []
+    return RunFacts(result=output.get("result") or {}, evaluations=record.get("evaluations") or {}, metrics=metrics,
+                    valid_share=metrics.valid_turns / metrics.turns if metrics.turns else 0.0,
+                    over_budget=over_budget_calls(messages, metrics.status), repeated_calls=repeated_calls(messages))
+
+
 def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,
                   weights: RewardWeights) -> RewardBreakdown:
     """The reward of one finished run from the graph's output and its trajectory record (see module doc)."""
-    result = output.get("result") or {}
-    metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
-    task, iou = task_reward(result, weights.mask_iou_weight)
-    evaluations = record.get("evaluations") or {}
-    reflection = reflection_reward(evaluations)
-    valid_share = metrics.valid_turns / metrics.turns if metrics.turns else 0.0
-    over = over_budget_calls(output.get("messages") or [], metrics.status)
-    repeats = repeated_calls(output.get("messages") or [])
-    behaviour = (valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
-    behaviour -= weights.over_budget_penalty * over + weights.repeated_call_penalty * repeats
-    total = weights.task * task + weights.reflection * reflection + weights.behaviour * behaviour
+    facts = run_facts(output, record, max_steps=max_steps, max_image_gens=max_image_gens)
+    components = {name: function(facts) for name, _, function in reward_functions(weights)}
+    total = sum(weight * components[name] for name, weight, _ in reward_functions(weights))
+    metrics = facts.metrics
     return RewardBreakdown(
-        total=total, task=task, reflection=reflection, behaviour=behaviour, score=metrics.score, mask_iou=iou,
-        valid_turns=valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
-        over_budget=over, repeated_calls=repeats, image_gens=int(result.get("image_gens") or 0), status=metrics.status,
+        total=total, task=components["task"], reflection=components["reflection"], behaviour=components["behaviour"],
+        score=metrics.score, mask_iou=task_reward(facts.result, weights.mask_iou_weight)[1],
+        valid_turns=facts.valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
+        over_budget=facts.over_budget, repeated_calls=facts.repeated_calls,
+        image_gens=int(facts.result.get("image_gens") or 0), status=metrics.status,
     )
