@@ -33,7 +33,7 @@ from typing import Any
 
 from tools.imaging import write_text_atomic
 from training.grpo_callbacks import (GRPOCallback, GuardCallback, SelectionCallback, TimeLimitCallback, TrainerControl,
-                                     WeightSyncCallback)
+                                     WeightSyncCallback, expected_step_seconds, next_step_fits)
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
@@ -358,32 +358,6 @@ def default_callbacks(guard: UpdateGuard) -> list[GRPOCallback]:
 def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run GRPO as configured (`GRPOTrainer`); return the summary also written to ``output_dir/grpo_summary.json``."""
     return GRPOTrainer(config, progress=progress).train(resume=resume)
-
-
-def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> float:
-    """The forecast of the next step's wall time: the larger of the mean of all steps and of the last `recent`.
-
-    Why not the plain mean: steps grow when the policy's runs get longer (a looping policy makes more
-    turns per rollout). Session 11's pool-6 run had a mean of 145 s but its last three steps took 170-206 s,
-    so the mean let it start a 213 s step 160 s before the limit (it ended 53 s past it). Taking the recent
-    mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses at most
-    the step that a few long steps in a row make look too long.
-    """
-    if not history:
-        return 0.0
-    seconds = [row["seconds"] for row in history]
-    return max(sum(seconds) / len(seconds), sum(seconds[-recent:]) / len(seconds[-recent:]))
-
-
-def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
-    """Whether one more step is expected to end within `limit_s` seconds of training.
-
-    Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
-    overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
-    inside a fixed wall-time budget. `expected_step_seconds` is the forecast; a long step still overruns
-    by its excess over the forecast, not by a whole step.
-    """
-    return limit_s is None or train_seconds + expected_step_seconds(history) <= limit_s
 
 
 def compare_policies(config: GRPOJobConfig, before_model: str, after_models: list[str], *,

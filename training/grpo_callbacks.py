@@ -2,8 +2,8 @@
 
 Why callbacks: the loop itself is rollouts -> update -> log; the update guard, the time limit, the
 validation that selects the kept policy and the weight sync each hook into it at a named point, so each
-can be read, tested and switched off on its own. Every hook receives the trainer and its `control`
-(TRL's `TrainerControl`: flags that tell the loop to validate, save or stop).
+can be read, tested and switched off on its own. Every hook receives the trainer; the step hooks also get
+its `control` (TRL's `TrainerControl`: flags that tell the loop to validate, save or stop).
 """
 
 from __future__ import annotations
@@ -11,14 +11,40 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from training.grpo_guard import UpdateGuard
 
-if TYPE_CHECKING:
-    from training.grpo import GRPOTrainer
+#: The `training.grpo.GRPOTrainer` a hook is called with (not imported: the trainer imports this module).
+GRPOTrainer = Any
 
 logger = logging.getLogger(__name__)
+
+
+def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> float:
+    """The forecast of the next step's wall time: the larger of the mean of all steps and of the last `recent`.
+
+    Why not the plain mean: steps grow when the policy's runs get longer (a looping policy makes more
+    turns per rollout). Session 11's pool-6 run had a mean of 145 s but its last three steps took 170-206 s,
+    so the mean let it start a 213 s step 160 s before the limit (it ended 53 s past it). Taking the recent
+    mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses at most
+    the step that a few long steps in a row make look too long.
+    """
+    if not history:
+        return 0.0
+    seconds = [row["seconds"] for row in history]
+    return max(sum(seconds) / len(seconds), sum(seconds[-recent:]) / len(seconds[-recent:]))
+
+
+def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
+    """Whether one more step is expected to end within `limit_s` seconds of training.
+
+    Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
+    overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
+    inside a fixed wall-time budget. `expected_step_seconds` is the forecast; a long step still overruns
+    by its excess over the forecast, not by a whole step.
+    """
+    return limit_s is None or train_seconds + expected_step_seconds(history) <= limit_s
 
 
 @dataclass
@@ -97,8 +123,6 @@ class TimeLimitCallback(GRPOCallback):
     """Stop before a step that is expected to end past `time_limit_s` of training plus one validation."""
 
     def on_step_end(self, trainer: GRPOTrainer, control: TrainerControl) -> None:
-        from training.grpo import next_step_fits
-
         # the last validation's time is reserved, so the one after the last step still fits the limit
         if not next_step_fits(trainer.train_seconds() + trainer.selector.last_seconds(), trainer.state["history"],
                               trainer.config.time_limit_s):
