@@ -59,12 +59,12 @@ def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list
     from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
-    if config.train_sample_seed == config.heldout_seed:
+    if config.tasks.train_sample_seed == config.tasks.heldout_seed:
         raise GRPOConfigError("train_sample_seed must differ from heldout_seed (the held-out images come from it)")
-    heldout = make_tasks(folder / "heldout", config.heldout_tasks, seed=config.heldout_seed, size=config.image_size)
-    train = make_tasks(folder / "train", config.train_tasks, seed=config.train_sample_seed, size=config.image_size)
-    kept_out = (config.heldout_seed, config.validation_seed) if config.validation_tasks else (config.heldout_seed,)
-    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.image_size, kept_out))
+    heldout = make_tasks(folder / "heldout", config.tasks.heldout_tasks, seed=config.tasks.heldout_seed, size=config.tasks.image_size)
+    train = make_tasks(folder / "train", config.tasks.train_tasks, seed=config.tasks.train_sample_seed, size=config.tasks.image_size)
+    kept_out = (config.tasks.heldout_seed, config.tasks.validation_seed) if config.tasks.validation_tasks else (config.tasks.heldout_seed,)
+    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.tasks.image_size, kept_out))
     return train, heldout
 
 
@@ -73,11 +73,11 @@ def make_validation_tasks(config: GRPOJobConfig, folder: Path) -> list[Any]:
     from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
-    if not config.validation_tasks:
+    if not config.tasks.validation_tasks:
         return []
-    tasks = make_tasks(folder / "validation", config.validation_tasks, seed=config.validation_seed,
-                       size=config.image_size)
-    check_disjoint(sorted({Path(t.image) for t in tasks}), eval_image_hashes(config.image_size, (config.heldout_seed,)))
+    tasks = make_tasks(folder / "validation", config.tasks.validation_tasks, seed=config.tasks.validation_seed,
+                       size=config.tasks.image_size)
+    check_disjoint(sorted({Path(t.image) for t in tasks}), eval_image_hashes(config.tasks.image_size, (config.tasks.heldout_seed,)))
     return tasks
 
 
@@ -129,7 +129,7 @@ def evaluate(config: GRPOJobConfig, tasks: list[Any], out: Path, label: str, pro
 
     The same tasks and run seeds before and after training, so the two means are paired samples.
     """
-    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / label, config.weights,
+    groups = run_groups(tasks, config.tasks.eval_generations, config.graph_overrides(), out / "runs" / label, config.rewards,
                         workers=config.workers, progress=progress, desc=f"held-out {label}")
     summary = reward_summary(groups)
     _append_jsonl(out / f"heldout_{label}.jsonl", [r.log_row() for g in groups for r in g])
@@ -146,8 +146,8 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
     policies are compared on paired rollouts.
     """
     t0 = time.perf_counter()
-    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / "validation",
-                        config.weights, workers=config.workers, progress=progress, desc=f"validation after step {step}")
+    groups = run_groups(tasks, config.tasks.eval_generations, config.graph_overrides(), out / "runs" / "validation",
+                        config.rewards, workers=config.workers, progress=progress, desc=f"validation after step {step}")
     shutil.rmtree(out / "runs" / "validation", ignore_errors=True)
     if local is not None:  # its caches would be reused across policies otherwise
         local.enable_prefix_cache(config.prefix_cache)
@@ -191,14 +191,14 @@ class GRPOTrainer:
             self.ref = copy.deepcopy(self.model).eval()
             for parameter in self.ref.parameters():
                 parameter.requires_grad = False
-        self.adapters = add_lora(self.model, config) if config.lora_r else None
+        self.adapters = add_lora(self.model, config) if config.lora.r else None
         self.parameters = (freeze_for_training(self.model, config.trainable_layers, False) if self.adapters is None
                            else count_parameters(self.model))
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                            lr=self.trl_args.learning_rate, weight_decay=self.trl_args.weight_decay)
         self.train_tasks, self.heldout = make_task_sets(config, self.out / "tasks")
-        self.guard = UpdateGuard(self.model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
-                                 config.guard_backtracks)
+        self.guard = UpdateGuard(self.model, load_local_model(config.model).tokenizer, config.guard.probes_per_tool,
+                                 config.guard.backtracks)
         self.validation = make_validation_tasks(config, self.out / "tasks")
         self.selector = CheckpointSelector()
         self.state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
@@ -210,10 +210,10 @@ class GRPOTrainer:
     def rollout(self, step: int) -> list[list[Any]]:
         """The step's groups: `num_generations` scored rollouts of each of its `tasks_per_step` training tasks."""
         config = self.config
-        tasks = [self.train_tasks[(step * config.tasks_per_step + j) % len(self.train_tasks)]
-                 for j in range(config.tasks_per_step)]
+        tasks = [self.train_tasks[(step * config.tasks.tasks_per_step + j) % len(self.train_tasks)]
+                 for j in range(config.tasks.tasks_per_step)]
         run_dir = self.out / "runs" / f"step{step:04d}"
-        groups = run_groups(tasks, self.trl_args.num_generations, config.graph_overrides(), run_dir, config.weights,
+        groups = run_groups(tasks, self.trl_args.num_generations, config.graph_overrides(), run_dir, config.rewards,
                             workers=config.workers, progress=self.progress, desc=f"step {step + 1} rollouts")
         shutil.rmtree(run_dir, ignore_errors=True)  # images of finished rollouts are not needed again
         return groups
@@ -221,9 +221,9 @@ class GRPOTrainer:
     def update(self, step: int, groups: list[list[Any]]) -> tuple[dict[str, Any], list[Any], int]:
         """Advantages, then `policy_update` between the guard's hooks; returns (update fields, sequences, dropped)."""
         config, gas = self.config, self.trl_args.gradient_accumulation_steps
-        sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
-                                               config.refusal_credit, config.negative_advantage_scale,
-                                               config.rejected_token_max_prob)
+        sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.credit.rejected_turn_advantage,
+                                               config.credit.refusal_credit, config.credit.negative_advantage_scale,
+                                               config.credit.rejected_token_max_prob)
         self._call("on_rollouts_end", groups)
         steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or self.trl_args.num_iterations > 1)
         self._call("on_update_begin", steps_optimizer)
@@ -340,7 +340,7 @@ class GRPOTrainer:
             "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
             "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in self.heldout],
             "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(self.train_tasks)
-                                        if i < state["step"] * self.config.tasks_per_step}),
+                                        if i < state["step"] * self.config.tasks.tasks_per_step}),
         }
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
         return summary
@@ -400,7 +400,7 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
               for label, model in zip(labels[1:], afters)]
     summary = {"before_model": str(before_model), "after_model": str(afters[0]), "before": results["before"],
                "after": results["after"], "paired": listed[0]["paired"], "afters": listed,
-               "heldout_seed": config.heldout_seed, "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout]}
+               "heldout_seed": config.tasks.heldout_seed, "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout]}
     (out / "grpo_compare.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -449,8 +449,8 @@ def add_lora(model: Any, config: GRPOJobConfig) -> Any:
 
     count = len(_decoder_layers(model))
     top = min(count, config.trainable_layers or count)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(config.lora_target_modules), layers_to_transform=list(range(count - top, count)))
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(config.lora.target_modules), layers_to_transform=list(range(count - top, count)))
     return get_peft_model(model, lora)
 
 

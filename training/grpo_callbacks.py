@@ -139,7 +139,7 @@ class SelectionCallback(GRPOCallback):
 
     def on_step_end(self, trainer: GRPOTrainer, control: TrainerControl) -> None:
         step = trainer.state["step"]
-        if trainer.validation and (step % trainer.config.validate_every == 0 or step == trainer.trl_args.max_steps
+        if trainer.validation and (step % trainer.config.tasks.validate_every == 0 or step == trainer.trl_args.max_steps
                                    or control.should_training_stop):
             control.should_validate = True
 
