@@ -139,7 +139,7 @@ def cmd_kb_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_policy(args: argparse.Namespace) -> int:
-    from graph.serve_policy import serve
+    from graph.inference.server import serve
 
     serve(args.model, host=args.host, port=args.port, served_name=args.served_model_name, max_tokens=args.max_tokens)
     return 0

@@ -109,7 +109,7 @@ def test_repeating_a_call_that_answers_the_same_thing_is_penalised_and_a_qe_loop
     steps = [("prompt_gen", {}, "I"), ("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 2>"),
              ("quality_eval", {"image": 2}, "Image 2: PASS")]
     loop = run(steps + [("quality_eval", {"image": 2}, "Image 2: PASS")] * 7, {"2": PASS}, final=None,
-               status="budget_exhausted", mask_by="finalize")  # session 8's pool-7 policy, turn for turn
+               status="budget_exhausted", mask_by="finalize")  # a policy that learned a QE loop, turn for turn
     retry_same_image = run(steps + [("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 3>"),
                                     ("quality_eval", {"image": 3}, "Image 3: PASS"), ("mask_gen", {"image": 3}, "M")],
                            {"2": PASS, "3": PASS})

@@ -61,7 +61,7 @@ def test_dataset_rows_render_exactly_as_the_local_policy_renders_the_run(batch_r
     from tiny_llm import build_tiny_llm
     from transformers import AutoTokenizer
 
-    from graph.policies.local_model import _arguments_as_objects
+    from graph.inference.model import _arguments_as_objects
     from training.chat_templates import TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm"))

@@ -83,7 +83,7 @@ def make_validation_tasks(config: GRPOJobConfig, folder: Path) -> list[Any]:
 
 def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
     """(the model to train, the LocalModel the rollouts use or None for the openai backend)."""
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     local = load_local_model(config.model)
     if config.rollout_backend == "local":
@@ -150,7 +150,7 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
                         config.rewards, workers=config.workers, progress=progress, desc=f"validation after step {step}")
     shutil.rmtree(out / "runs" / "validation", ignore_errors=True)
     if local is not None:  # its caches would be reused across policies otherwise
-        local.enable_prefix_cache(config.prefix_cache)
+        local.clear_prefix_cache()
     summary = reward_summary(groups)
     improved = selector.offer(step, summary, model, seconds=time.perf_counter() - t0)
     _append_jsonl(out / VALIDATION_FILE, [{"step": step, **r.log_row()} for g in groups for r in g])
@@ -174,7 +174,7 @@ class GRPOTrainer:
                  progress: bool = False) -> None:
         import torch
 
-        from graph.policies.local_model import load_local_model
+        from graph.inference import load_local_model
         from training.sft import count_parameters, freeze_for_training
 
         if config.num_threads:
@@ -253,7 +253,7 @@ class GRPOTrainer:
     def flush_rollout_cache(self) -> None:
         """Drop the local engine's kept conversations (their attention keys belong to other weights)."""
         if self.local is not None:
-            self.local.enable_prefix_cache(self.config.prefix_cache)
+            self.local.clear_prefix_cache()
 
     def sync_weights(self) -> None:
         """Send the trained weights to the openai backend's server."""
@@ -368,8 +368,8 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
     Why: settings tuned by looking at one held-out set's result are no longer judged fairly by it; a
     second held-out set (another `heldout_seed`, still checked disjoint from the training images) confirms
     a before/after change, with the rollouts of `train grpo`'s own evaluation. Several runs of the same
-    starting checkpoint (other pools, other settings) share one "before" evaluation instead of repeating
-    it for each (four evaluations of 48 rollouts took 31 min 17 s on 2 CPU cores).
+    starting checkpoint (other task sets, other settings) share one "before" evaluation instead of
+    repeating it for each (an evaluation takes minutes on a CPU).
 
     The first after-policy is written as ``after`` (``heldout_after.jsonl``, summary keys ``after`` and
     ``paired``), the k-th (k >= 2) as ``after<k>``; ``summary["afters"]`` lists every one in order.
@@ -434,12 +434,11 @@ def policy_update(model: Any, ref: Any | None, optimizer: Any, sequences: list[A
 
 
 def add_lora(model: Any, config: GRPOJobConfig) -> Any:
-    """Put rank-`lora_r` LoRA adapters (peft) on the top `trainable_layers` layers, in place; returns the PeftModel.
+    """Put rank-`lora.r` LoRA adapters (peft) on the top `trainable_layers` layers, in place; returns the PeftModel.
 
     Why LoRA for GRPO on a small budget: AdamW moves every trained parameter by about the learning rate
     on its first steps whatever the gradient's size, so with ~10 noisy updates a full-weight update of
-    even 6 layers is mostly noise (measured: learning rate 3e-4 on 21M weights broke SmolLM2's tool calls
-    after one step). Adapters confine each step to a few hundred thousand directions and start as the
+    even 6 layers is mostly noise (enough to break a small model's tool calls in one step). Adapters confine each step to a few hundred thousand directions and start as the
     identity (B = 0). The adapters sit inside the model object the rollouts generate with, so the next
     round samples from the updated policy; the layers below stay frozen and shared with the reference.
     """

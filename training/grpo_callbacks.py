@@ -25,10 +25,9 @@ def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> flo
     """The forecast of the next step's wall time: the larger of the mean of all steps and of the last `recent`.
 
     Why not the plain mean: steps grow when the policy's runs get longer (a looping policy makes more
-    turns per rollout). Session 11's pool-6 run had a mean of 145 s but its last three steps took 170-206 s,
-    so the mean let it start a 213 s step 160 s before the limit (it ended 53 s past it). Taking the recent
-    mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses at most
-    the step that a few long steps in a row make look too long.
+    turns per rollout), and the mean of all steps then starts a step that ends past the limit. Taking the
+    recent mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses
+    at most the step that a few long steps in a row make look too long.
     """
     if not history:
         return 0.0
@@ -39,10 +38,9 @@ def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> flo
 def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
     """Whether one more step is expected to end within `limit_s` seconds of training.
 
-    Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
-    overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
-    inside a fixed wall-time budget. `expected_step_seconds` is the forecast; a long step still overruns
-    by its excess over the forecast, not by a whole step.
+    Why predict instead of stopping once the limit is crossed: a CPU step takes minutes, so stopping after
+    the crossing overruns the limit by up to a whole step. `expected_step_seconds` is the forecast; a long
+    step still overruns by its excess over the forecast, not by a whole step.
     """
     return limit_s is None or train_seconds + expected_step_seconds(history) <= limit_s
 

@@ -13,9 +13,9 @@
   `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one)
   and `repeated_call_penalty` per repeated call: a quality_eval, mask_gen or knowledge_retrieval that ran
   with the same arguments as one that already ran. Those tools answer the same thing twice, so a repeat
-  only spends a step. Why: without it a policy trained on pool 7 (session 8) learned to call quality_eval
-  on its passed image until the steps ran out, never masking; every turn was valid and in protocol order,
-  the finalize step made the mask, and that loop scored 1.28, above the SFT policy's 1.215 mean.
+  only spends a step. Why: without it a policy can learn to call quality_eval on its passed image until
+  the steps run out, never masking; every turn is valid and in protocol order, the finalize step makes
+  the mask, and such a loop can score above a policy that finishes properly.
 
 Why the eval's measures: a reward that disagreed with `anomaly-agent eval policy` would train the policy
 towards a different target than the one it is judged on. Every function here is pure over the run's

@@ -36,7 +36,7 @@ CURVE_FILE = "loss_curve.png"
 def resolve_model(path: str | None) -> Path:
     """The base model folder: `path`, or the converted SmolLM2 cache folder when None."""
     if path is None:
-        from graph.policies.smollm2 import ensure_smollm2
+        from graph.inference.smollm2 import ensure_smollm2
 
         return ensure_smollm2()
     folder = Path(path).expanduser()
@@ -113,7 +113,7 @@ def _decoder_layers(model: Any) -> Any:
 
 
 def _set_template(tokenizer: Any, choice: str) -> None:
-    from graph.policies.chat_template import template_supports_tools
+    from graph.inference.chat_template import template_supports_tools
     from training.chat_templates import TEMPLATES, has_generation_markers
 
     if choice in TEMPLATES:
