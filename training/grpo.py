@@ -1,16 +1,19 @@
 """`anomaly-agent train grpo`: GRPO of a policy from groups of its own rollouts through the real graph (DESIGN §6).
 
-One step, nanoGPT-style in one loop:
-1. rollouts: `tasks_per_step` training tasks x `num_generations` runs through `graph.graph.build_graph`
-   at `temperature` (`training.grpo_rollouts`), each scored by the three rewards (`training.grpo_rewards`);
-2. update: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
+`GRPOTrainer` runs the steps in TRL's trainer shape; one step:
+1. `rollout`: `tasks.tasks_per_step` training tasks x `num_generations` runs through
+   `graph.graph.build_graph` at `temperature` (`training.grpo_rollouts`), each scored by the named reward
+   functions (`training.grpo_rewards.reward_functions`);
+2. `update`: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
    frozen copy of the starting policy on the policy's tokens only (`training.grpo_loss`), gradients
-   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW; with
-   `guard_probes_per_tool` > 0 the step is then line-searched against probes from successful training
-   rollouts (`training.grpo_guard`) and halved or undone when it breaks a call the protocol forces;
+   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW;
 3. log a row to ``rewards.jsonl`` (reward mean/std, each component, loss, KL, clip fraction, seconds) and
-   redraw ``reward_curve.png``; every `save_steps` save ``checkpoint/`` (trained tensors, optimizer, state),
-   which ``--resume`` continues from; with the openai backend, sync the weights to the server.
+   redraw ``reward_curve.png``; every `save_steps` `save` ``checkpoint/`` (trained tensors, optimizer,
+   state), which ``--resume`` continues from.
+The callbacks (`training.grpo_callbacks`) hook into it: the update guard line-searches an update against
+probes of the protocol's forced moves, the weight sync keeps the rollout engine on the trained weights,
+the time limit stops before a step that would end past it, and the selection validates and keeps the
+best policy.
 
 Before the first and after the last step the mean reward on the held-out tasks (the `eval policy` tasks
 of `heldout_seed`, never trained on: training images are checked disjoint by content hash) is measured
