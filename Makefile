@@ -32,13 +32,15 @@ demo: install
 	@echo "Look at: $(DEMO)/out/contact_sheet.png, $(DEMO)/out/summary.json, $(DEMO)/out/<category>/test and ground_truth"
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m ""
 
 bench: install
-	$(BIN)/python -m evals.bench_agent
+	$(BIN)/anomaly-agent bench agent
 
 clean:
 	rm -rf $(DEMO) runs .pytest_cache .langgraph_api

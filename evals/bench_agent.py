@@ -1,6 +1,6 @@
 """Benchmark: seconds per sample, where the time goes, and peak memory, for the agent on the CPU.
 
-Run: ``python -m evals.bench_agent [--samples 12] [--size 256]``.
+Run: ``anomaly-agent bench agent [--samples 12] [--size 256]``.
 
 Why a baseline in the same process: absolute seconds depend on the machine; the ratio between the full
 agent (graph, scripted policy, checkpoint-free state handling, trajectory writing) and the same tools

@@ -1,6 +1,6 @@
 """Benchmark of QE's metric judge: does its score separate good edits from each way an edit goes wrong?
 
-Run: ``python -m evals.bench_qe [--per-kind 200] [--size 160] [--split test]``.
+Run: ``anomaly-agent bench qe [--per-kind 200] [--size 160] [--split test]``.
 
 Good edits are the embedded engine's defaults (PG's instruction for every MVTec-AD and VisA type, drawn
 by IG) on the bundled sample images. Bad edits start from a good one and break it in one way:

@@ -1,6 +1,6 @@
 """Contact sheets of the embedded IG engine: one per defect family and one per MVTec-AD category.
 
-Run: ``python -m evals.contact_sheets OUT_DIR [--size 256] [--per-type 1] [--seed 0]``.
+Run: ``anomaly-agent bench contact-sheets OUT_DIR [--size 256] [--per-type 1] [--seed 0]``.
 
 Each row is one sample: normal | anomaly | zoom on the defect | MG mask, with the type, family, the
 instruction's words, QE's score and the mask IoU against the engine's region. The zoom is there because

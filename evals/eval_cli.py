@@ -1,48 +1,12 @@
 """The options of `anomaly-agent eval generators`, without importing torch (the CLI builds its parser
-on every call; the evaluation itself is imported only when it runs)."""
+on every call; the evaluation itself is imported only when it runs; `evals.commands` reads them back)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from evals.generator_eval import EvalConfig
+from typing import Any
 
 #: The generators of the comparison: the agent and the three baselines of `evals.baselines`.
 GENERATORS = ("agent", "open_loop", "draem", "cutpaste_scar")
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def config_from_args(args: Any) -> EvalConfig:
-    """The `eval generators` command line as an `EvalConfig` (the CLI only wires arguments)."""
-    from evals.generator_eval import EvalConfig
-    from evals.protocols import TrainConfig
-
-    return EvalConfig(
-        out=Path(args.out),
-        generators=_csv(args.generators) or list(GENERATORS),
-        categories=_csv(args.categories) or ([] if args.real else ["tile", "metal_nut"]),
-        types=_csv(args.types),
-        size=args.size,
-        train_normals=args.train_normals,
-        test_normals=args.test_normals,
-        real=Path(args.real) if args.real else None,
-        seed=args.seed,
-        train=TrainConfig(
-            cls_epochs=args.cls_epochs,
-            loc_epochs=args.loc_epochs,
-            unet_base=args.unet_base,
-            resnet_weights=args.resnet_weights,
-            seed=args.seed,
-        ),
-        inception_weights=args.inception_weights,
-        lpips_weights=args.lpips_weights,
-        progress=not args.no_progress,
-    )
 
 
 def add_arguments(parser: Any) -> None:

@@ -298,7 +298,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.generators) - set(GENERATORS))
     if unknown:
         raise EvalError(f"unknown generators {unknown}; choose from {list(GENERATORS)}")
-    torch.set_num_threads(1)  # measured: one thread is fastest on this shared 2-core machine
+    torch.set_num_threads(1)  # one thread is fastest on a shared 2-core machine (RESULTS.md)
     started = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     normals, types = prepare_normals(cfg)

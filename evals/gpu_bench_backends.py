@@ -14,8 +14,8 @@ the compute is that of the published models, the images are noise.
 Needs only torch, diffusers, transformers, segment-anything, numpy, pillow, scipy, scikit-image, pyyaml
 and pydantic (no langgraph, chromadb or torchvision). Examples:
 
-    python -m evals.gpu_bench_backends --random-sd full --random-sam vit_h --tasks 8 --size 1024
-    python -m evals.gpu_bench_backends --diffusion-model ~/models/sd-inpainting \\
+    anomaly-agent bench gpu-backends --random-sd full --random-sam vit_h --tasks 8 --size 1024
+    anomaly-agent bench gpu-backends --diffusion-model ~/models/sd-inpainting \\
         --sam-checkpoint ~/models/sam_vit_h_4b8939.pth --tasks 20 --steps 30
 """
 

@@ -1,6 +1,6 @@
 """Closed loop vs open loop: does QE-driven refinement improve what the agent returns?
 
-Run: ``python -m evals.loop_study [--per-type 1] [--size 256] [--conditions default,timid,oversize,blind]``.
+Run: ``anomaly-agent bench loop [--per-type 1] [--size 256] [--conditions default,timid,oversize,blind]``.
 
 Every MVTec-AD and VisA (category, type) runs through the real graph (`graph.graph.build_graph`, scripted
 policy, default budget: 10 steps, 3 image generations) on a sample image standing in for its category.

@@ -1,8 +1,7 @@
-"""The `anomaly-agent` command line.
+"""The graph's commands of `anomaly-agent` (synthesize, batch, samples, serve-policy, kb) and the helpers
+every package's command group shares (run options, command groups, pass-through benchmarks).
 
-Why errors are caught here and nowhere deeper: library code raises exceptions with messages written
-for the user; the CLI is the edge where a known error becomes one line on stderr and exit code 2,
-and only an unexpected bug shows a traceback.
+The command line itself is `anomaly_agent_cli`; each package adds its commands with `register(subparsers)`.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
@@ -65,35 +65,17 @@ def _count(low: int, high: int | None = None) -> Callable[[str], int]:
     return count
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (exit 2), like every other user error of the CLI."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is written for the user: shown as one line, no traceback."""
-    from evals.errors import EvalError
     from graph.batch import BatchError
     from graph.batch_guard import RootBusyError
     from graph.configuration import ConfigurationError
     from graph.policies.base import PolicyError
     from tools.imaging import ImageInputError
     from tools.knowledge.catalog import KnowledgeBaseError, UnknownAnomalyTypeError, UnknownCategoryError
-    from training.reverse import ReverseError
-    from training.grpo_config import GRPOConfigError
-    from training.sft_config import SFTConfigError
-    from training.trajectories import TrajectoryError
 
     return (
         OutputPathError,
-        EvalError,
-        ReverseError,
-        SFTConfigError,
-        GRPOConfigError,
-        TrajectoryError,
         BatchError,
         RootBusyError,
         ConfigurationError,
@@ -106,7 +88,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Configuration overrides from the flags every run command shares."""
     values = {"seed": getattr(args, "seed", None), "config_file": getattr(args, "config", None)}
     for key in ("policy", "base_url", "model", "temperature", "max_tokens"):
@@ -132,7 +114,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     out = check_out_folder(args.out)
     category, (anomaly_type,) = _check_inputs(args.category, [args.anomaly_type])
     load_image(args.image)  # fail fast with the loader's one-line message
-    overrides = _overrides(args)
+    overrides = run_overrides(args)
     cfg = Configuration.load(overrides=overrides)
     _check_policy(cfg)
     started = time.perf_counter()
@@ -178,12 +160,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     category, types = _check_inputs(args.category, [t for t in args.anomaly_types.split(",") if t.strip()])
     from graph.configuration import Configuration
 
-    _check_policy(Configuration.load(overrides=_overrides(args)))
+    _check_policy(Configuration.load(overrides=run_overrides(args)))
     samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # a warning (an input error) gets its own line, not the progress bar's
-        summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
+        summary = run_batch(samples, root, overrides=run_overrides(args), workers=args.workers, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
     errors = len(summary["input_errors"])
     print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png; "
@@ -211,75 +193,45 @@ def cmd_kb_list(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_policy(args: argparse.Namespace) -> int:
-    from graph.serve_policy import serve
+    from graph.inference.server import serve
 
     serve(args.model, host=args.host, port=args.port, served_name=args.served_model_name, max_tokens=args.max_tokens)
     return 0
 
 
-def cmd_eval_policy(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from evals.policy_eval import evaluate_policy, format_table, last_line
-
-    overrides = _overrides(args)
-    started = time.perf_counter()
-    summary = evaluate_policy(overrides, args.tasks, seed=args.seed, size=args.size, progress=sys.stderr.isatty())
-    label = overrides.get("policy", "scripted") + (f" {overrides['model']}" if overrides.get("model") else "")
-    Console().print(format_table(summary, f"policy eval: {label}, {args.tasks} tasks, {time.perf_counter() - started:.0f}s"))
-    print(last_line(summary))
-    return 0
+#: Each command group's subcommands, so that several packages can add to one group (``eval``, ``bench``).
+_GROUPS: "weakref.WeakKeyDictionary[argparse.ArgumentParser, Any]" = weakref.WeakKeyDictionary()
 
 
-def cmd_eval_generators(args: argparse.Namespace) -> int:
-    from evals.eval_cli import config_from_args
-    from evals.eval_report import markdown
-    from evals.generator_eval import last_line, run_eval
-
-    report = run_eval(config_from_args(args))
-    print(markdown(report))
-    print(f"wrote {args.out}/report.md, report.json, bars.png, matrix_*.png, contact_*.png", file=sys.stderr)
-    print(last_line(report))
-    return 0
+def command_group(sub: Any, name: str, help: str) -> Any:
+    """The subcommands of group `name` under `sub` (created on first use), for ``anomaly-agent NAME ...``."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help)
+        _GROUPS[parser] = parser.add_subparsers(dest=f"{name}_command", required=True)
+    return _GROUPS[parser]
 
 
-def _training(name: str) -> Callable[[argparse.Namespace], int]:
-    """A training subcommand, imported from `training.commands` only when it runs."""
-
-    def run(args: argparse.Namespace) -> int:
-        from training import commands
-
-        return getattr(commands, name)(args)
-
-    return run
+def add_passthrough(group: Any, name: str, help: str, main: Callable[[list[str]], int | None]) -> None:
+    """A subcommand whose arguments all go to `main(argv)` (a benchmark's own parser, with its own --help)."""
+    parser = group.add_parser(name, help=help, add_help=False)
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="the benchmark's arguments (see its --help)")
+    parser.set_defaults(func=lambda args: int(main(args.argv) or 0), passthrough=True)
 
 
-#: Benchmark name -> module whose `main(argv)` runs it (evals/ is imported only when asked for).
-BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study",
-              "generators": "evals.bench_generators", "grpo-update": "evals.bench_grpo_update",
-              "rollouts": "evals.bench_rollouts"}
+def run_options(p: argparse.ArgumentParser) -> None:
+    """The flags every command that runs the graph shares (read back by `run_overrides`)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML file with configuration keys (see README)")
+    p.add_argument("--policy", choices=["scripted", "openai", "local"])
+    p.add_argument("--base-url", dest="base_url")
+    p.add_argument("--model", help="model name (openai) or local model folder (local; default SmolLM2-135M-Instruct)")
+    p.add_argument("--temperature", type=float, help="policy sampling temperature (default 0: greedy)")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, help="most tokens per policy turn")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    return int(importlib.import_module(BENCHMARKS[args.name]).main(args.args) or 0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="anomaly-agent", description="Synthesize realistic industrial defects with pixel masks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of each step")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--config", help="YAML file with configuration keys (see README)")
-        p.add_argument("--policy", choices=["scripted", "openai", "local"])
-        p.add_argument("--base-url", dest="base_url")
-        p.add_argument("--model", help="model name (openai) or local model folder (local; default SmolLM2-135M-Instruct)")
-        p.add_argument("--temperature", type=float, help="policy sampling temperature (default 0: greedy)")
-        p.add_argument("--max-tokens", dest="max_tokens", type=int, help="most tokens per policy turn")
-
+def register(sub: Any) -> None:
+    """Add the graph's commands to the `anomaly-agent` subcommands `sub`."""
     p = sub.add_parser("synthesize", help="one defect on one image")
     p.add_argument("--image", required=True)
     p.add_argument("--category", required=True)
@@ -313,98 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=512, help="default max_tokens per request")
     p.set_defaults(func=cmd_serve_policy)
 
-    p = sub.add_parser("eval", help="evaluations")
-    ev = p.add_subparsers(dest="eval_command", required=True)
-    q = ev.add_parser("policy", help="how well a policy drives the agent: call validity, protocol, masks, score")
-    q.add_argument("--tasks", type=int, default=20, help="number of tasks (sample image x defect type)")
-    q.add_argument("--size", type=int, default=128, help="side of the sample images in pixels")
-    run_options(q)
-    q.set_defaults(func=cmd_eval_policy)
-    q = ev.add_parser("generators", help="agent vs baselines: downstream localization/classification, IS/IC-LPIPS, samples/s")
-    from evals.eval_cli import add_arguments as add_eval_generator_arguments
-
-    add_eval_generator_arguments(q)
-    q.set_defaults(func=cmd_eval_generators)
-
-    q = ev.add_parser("grpo", help="held-out GRPO reward of a policy before and one or more after training, "
-                                   "on the same tasks and seeds, paired")
-    q.add_argument("--config", required=True, help="the GRPO YAML (graph settings, rewards, held-out size)")
-    q.add_argument("--before", required=True, help="model folder before training (e.g. the SFT checkpoint)")
-    q.add_argument("--after", required=True, nargs="+",
-                   help="model folder(s) after training (e.g. OUTPUT_DIR/final); several share one 'before' run")
-    q.add_argument("--heldout-seed", dest="heldout_seed", type=int, help="another held-out set than the config's")
-    q.add_argument("--heldout-tasks", dest="heldout_tasks", type=int, help="override the config's heldout_tasks")
-    q.add_argument("--workers", type=int, help="rollouts at once (local backend: rows of one decoding batch)")
-    q.add_argument("--output-dir", dest="output_dir", help="where rollouts and grpo_compare.json go")
-    q.set_defaults(func=_training("cmd_eval_grpo"))
-
-    p = sub.add_parser("trajectories", help="training data: export graph traces, reverse-synthesize real anomalies")
-    tr = p.add_subparsers(dest="trajectories_command", required=True)
-    q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")
-    q.add_argument("--input", required=True, nargs="+",
-                   help="batch roots, run folders, trajectory .json/.jsonl files or SqliteSaver .sqlite files")
-    q.add_argument("--out", required=True, help="JSONL file to write")
-    q.add_argument("--hf-dataset", dest="hf_dataset", help="also save a datasets.Dataset (messages, tools) here")
-    q.add_argument("--images", action="store_true", help="add the normal image (for vision-language policies)")
-    q.add_argument("--statuses", default="success,budget_exhausted", help="keep runs with these statuses")
-    q.add_argument("--all-statuses", dest="all_statuses", action="store_true", help="keep every run")
-    q.set_defaults(func=_training("cmd_trajectories_export"))
-    q = tr.add_parser("reverse", help="staged 1-3 image_gen trajectories ending in real anomalies (MVTec layout)")
-    q.add_argument("--dataset", required=True, help="ROOT with ROOT/<category>/test/<type> and ground_truth/<type>")
-    q.add_argument("--out", required=True, help="JSONL file to write; images go to <out>_runs/")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--stages", default="1,2,3", help="image_gen calls per trajectory, comma-separated")
-    q.add_argument("--categories", help="comma-separated subset of categories")
-    q.add_argument("--limit", type=int, help="use at most this many anomalies")
-    q.add_argument("--size", type=int, help="resize images so the longer side is this many pixels")
-    q.add_argument("--config", help="YAML file with agent configuration keys (budget, QE thresholds...)")
-    q.set_defaults(func=_training("cmd_trajectories_reverse"))
-
-    p = sub.add_parser("train", help="train a policy")
-    tr = p.add_subparsers(dest="train_command", required=True)
-    q = tr.add_parser("sft", help="supervised fine-tuning on trajectories with TRL (assistant-only loss)")
-    q.add_argument("--config", required=True, help="YAML file of training.sft_config.SFTJobConfig fields")
-    q.add_argument("--dataset", help="override the config's dataset")
-    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
-    q.add_argument("--model", help="override the config's base model folder")
-    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
-    q.add_argument("--time-limit", dest="time_limit", type=float, help="stop training after this many seconds")
-    q.set_defaults(func=_training("cmd_train_sft"))
-    q = tr.add_parser("grpo", help="GRPO from groups of the policy's own rollouts through the graph")
-    q.add_argument("--config", required=True, help="YAML file of training.grpo_config.GRPOJobConfig fields")
-    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
-    q.add_argument("--model", help="override the config's starting model folder")
-    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
-    q.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint (optimizer and step)")
-    q.set_defaults(func=_training("cmd_train_grpo"))
-
-    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop), generators (agent vs baselines: samples/s, stages, memory), grpo-update (KL vs gain of one GRPO update per rule and learning rate), rollouts (a GRPO round's time per decoding mode)")
-    p.add_argument("name", choices=sorted(BENCHMARKS))
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
-    p.set_defaults(func=cmd_bench)
-
     p = sub.add_parser("kb", help="the knowledge base")
     kb = p.add_subparsers(dest="kb_command", required=True)
     q = kb.add_parser("list", help="categories and their defect types")
     q.add_argument("--dataset", choices=["mvtec_ad", "visa"])
     q.set_defaults(func=cmd_kb_list)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except _user_errors() as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"anomaly-agent: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("anomaly-agent: interrupted; rerun a batch with --resume to finish it", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

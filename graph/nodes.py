@@ -22,6 +22,7 @@ from langgraph.runtime import Runtime
 from graph import prompts, tracing
 from graph.configuration import Configuration, ConfigurationError, RunSettings, run_configuration
 from graph.policies import PolicyError, get_policy
+from graph.protocol import BUDGET_REFUSAL, best_image, error_message
 from graph.run_inputs import RunInputError, check_seed, resolve_run_dir
 from graph.state import AgentState
 from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
@@ -147,12 +148,12 @@ def policy_node(
     first, rest = calls[0], calls[1:]
     answer_at = len(new_messages)
     for extra in rest:
-        new_messages.append(_tool_message(prompts.error_observation("one tool call per turn; this one was ignored"), extra))
+        new_messages.append(_error_message("one tool call per turn; this one was ignored", extra))
 
     if not isinstance(first, InvalidCall) and first.name == "image_gen" and view.get("image_gens", 0) >= cfg.max_image_gens:
-        first = InvalidCall(first.name, "the image_gen budget is used up; call mask_gen on your best image", first.call_id)
+        first = InvalidCall(first.name, f"{BUDGET_REFUSAL}; call mask_gen on your best image", first.call_id)
     if isinstance(first, InvalidCall):
-        new_messages.insert(answer_at, _tool_message(prompts.error_observation(first.error), first))
+        new_messages.insert(answer_at, _error_message(first.error, first))
         return {
             **update,
             "messages": new_messages,
@@ -180,8 +181,8 @@ def _add_time(state: AgentState, key: str, seconds: float) -> dict[str, float]:
     return timings
 
 
-def _tool_message(content: str, call: Any) -> ToolMessage:
-    return ToolMessage(content=content, tool_call_id=call.call_id or "none", name=call.name)
+def _error_message(error: str, call: Any) -> ToolMessage:
+    return error_message(prompts.error_observation(error), call.call_id or "none", call.name)
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -194,20 +195,21 @@ def _make_tool_node(name: str, run: Callable[[AgentState, dict[str, Any], Config
         cfg = run_configuration(config, runtime.context)
         call = state["pending_call"]
         started = time.perf_counter()
+        status = "success"
         _, tags, metadata = tracing.run_labels(state, cfg)
         with tracing.tool_run(config, name, call["args"], tags, metadata) as traced:
             try:
                 observation, update = run(state, call["args"], cfg)
             except ToolFailure as failure:
-                observation, update = prompts.error_observation(str(failure)), {}
+                observation, update, status = prompts.error_observation(str(failure)), {}, "error"
             except (BackendUnavailableError, ConfigurationError) as error:
                 # The backend itself is down or misconfigured: end the run (finalize keeps the best image
                 # so far) instead of crashing the batch; `batch --resume` reruns it.
                 logger.error("%s backend failed; ending the run: %s", name, error)
                 observation = prompts.error_observation(f"the {name} backend failed: {error}")
-                update = {"status": "backend_error", "error": str(error)}
+                update, status = {"status": "backend_error", "error": str(error)}, "error"
             traced.on_tool_end(observation)
-        message = ToolMessage(content=observation, tool_call_id=call["id"], name=name)
+        message = ToolMessage(content=observation, tool_call_id=call["id"], name=name, status=status)
         return {
             **update,
             "timings": _add_time(state, name, time.perf_counter() - started),
@@ -395,10 +397,7 @@ def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str
     passed_and_masked = [int(k) for k in masks if evaluations.get(k, {}).get("passed")]
     if passed_and_masked:
         return max(passed_and_masked), "success"
-    if evaluations:
-        best = int(max(evaluations, key=lambda k: (evaluations[k]["location"] + evaluations[k]["quality"], int(k))))
-    else:
-        best = max(int(k) for k in generations)
+    best = best_image(evaluations, map(int, generations))
     if infrastructure:
         return best, infrastructure
     out_of_budget = (

@@ -7,10 +7,13 @@ the part of the configuration that decides what gets built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from graph.configuration import Configuration, ConfigurationError
 from tools.image_gen import ProceduralEngine
@@ -131,8 +134,32 @@ def mask_backend(config: Configuration) -> MaskBackend | None:
     return MaskBackend(config.sam_checkpoint, config.sam_model_type, config.torch_device)
 
 
+#: Backends that replace the configured ones in this context (`tools_replaced`).
+_REPLACED: ContextVar[dict[str, Any]] = ContextVar("replaced_tools", default={})
+
+
+@contextmanager
+def tools_replaced(**backends: Any) -> Iterator[None]:
+    """Within the block, `get_toolbox` returns these backends (by `Toolbox` field) instead of the configured ones.
+
+    Why a context variable: the replacement belongs to the graph runs started in the block (LangGraph runs
+    their nodes in copies of this context), never to other runs of the process that share the cache.
+    """
+    token = _REPLACED.set({**_REPLACED.get(), **backends})
+    try:
+        yield
+    finally:
+        _REPLACED.reset(token)
+
+
 def get_toolbox(config: Configuration) -> Toolbox:
     """The toolbox for `config`, shared by every run in this process with the same backend settings."""
+    toolbox = _configured_toolbox(config)
+    replaced = _REPLACED.get()
+    return replace(toolbox, **replaced) if replaced else toolbox
+
+
+def _configured_toolbox(config: Configuration) -> Toolbox:
     return _build(
         config.prompt_backend,
         config.image_backend,

@@ -33,7 +33,7 @@ class Served:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "graph.cli", "-v", "serve-policy", "--model", str(model), "--port", str(self.port)],
+                [sys.executable, "-m", "anomaly_agent_cli", "-v", "serve-policy", "--model", str(model), "--port", str(self.port)],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
             )
         deadline = time.monotonic() + 90

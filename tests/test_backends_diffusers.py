@@ -198,7 +198,7 @@ def test_flux_fill_folder_runs_through_the_flux_fill_pipeline(tmp_path, nut):
     ids=["diffusers-path", "sam-checkpoint"],
 )
 def test_batch_stops_before_any_sample_on_a_missing_model_file(env, expected, sample_dir, tmp_path, monkeypatch, capsys):
-    from graph.cli import main
+    from anomaly_agent_cli import main
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)

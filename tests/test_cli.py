@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graph.cli import main
+from anomaly_agent_cli import main
 
 
 def _synthesize(image, out, category="metal_nut", anomaly_type="scratch", *extra):
@@ -123,7 +123,7 @@ def test_out_on_a_file_is_one_line_before_any_work(sample_dir, tmp_path, capsys,
 def _read_only_cli(source: Path, target: Path, args: list[str]) -> subprocess.CompletedProcess:
     """Run the CLI with `target` a read-only view of `source`: a read-only bind mount in a private
     mount namespace when root (root ignores permission bits), plain chmod otherwise."""
-    cli = [sys.executable, "-c", "import sys; from graph.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    cli = [sys.executable, "-c", "import sys; from anomaly_agent_cli import main; sys.exit(main(sys.argv[1:]))", *args]
     if os.geteuid() != 0:
         os.chmod(target, 0o555)
         return subprocess.run(cli, capture_output=True, text=True, timeout=120)

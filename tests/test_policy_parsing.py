@@ -7,7 +7,8 @@ import json
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from graph.configuration import Configuration
-from graph.policies.chat import chat_messages, extract_text_calls, parse_completion, to_openai_messages
+from graph.policies.chat import chat_messages, to_openai_messages
+from graph.inference.hermes import extract_text_calls, parse_completion
 
 
 def test_hermes_tool_call_is_parsed_and_the_thought_kept():

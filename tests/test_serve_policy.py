@@ -12,8 +12,8 @@ from tiny_llm import build_tiny_llm
 
 from graph.configuration import Configuration
 from graph.graph import build_graph, recursion_limit
-from graph.policies.chat import parse_completion
-from graph.policies.local_model import load_local_model
+from graph.inference.hermes import parse_completion
+from graph.inference import load_local_model
 from graph.tool_calls import tool_schemas
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

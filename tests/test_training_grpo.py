@@ -13,7 +13,7 @@ import yaml
 from served_policy import Served
 from tiny_llm import build_tiny_llm
 
-from graph.cli import main
+from anomaly_agent_cli import main
 from training import grpo_rollouts
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_loss import (build_sequences, frozen_trunk_layers, group_advantages, per_token_loss,
@@ -33,7 +33,7 @@ def job(tmp: Path, model: Path, **fields) -> GRPOJobConfig:
     base = {"output_dir": str(tmp / "out"), "model": str(model), "graph": {"max_steps": 3}, "num_generations": 2,
             "max_steps": 1, "train_tasks": 2, "heldout_tasks": 1, "eval_generations": 2, "max_completion_length": 12,
             "trainable_layers": 1, "learning_rate": 1e-2, "save_steps": 1, "workers": 2, "evaluate_before_after": False}
-    return GRPOJobConfig(**{**base, **fields})
+    return GRPOJobConfig.from_dict({**base, **fields})
 
 
 @pytest.fixture
@@ -75,11 +75,11 @@ def tiny_llama(layers: int = 4):
 
 
 def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, sample_dir):
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
 
     config = job(tmp_path, tiny)
     tasks = make_tasks(tmp_path / "tasks", 1, seed=7)
-    groups = run_groups(tasks, 2, config.graph_overrides(), tmp_path / "runs", config.weights, workers=2)
+    groups = run_groups(tasks, 2, config.graph_overrides(), tmp_path / "runs", config.rewards, workers=2)
     assert len(groups) == 1 and len(groups[0]) == 2
     for rollout in groups[0]:
         assert math.isfinite(rollout.reward.total) and rollout.reward.valid_turns == 0.0
@@ -94,7 +94,7 @@ def test_malformed_rollouts_are_scored_and_keep_their_token_ids(tiny, tmp_path, 
 
 
 def test_prefix_cache_continues_a_conversation_with_the_same_tokens_and_logprobs(tiny):
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
     from graph.tool_calls import tool_schemas
 
     model = load_local_model(tiny)
@@ -112,7 +112,7 @@ def test_prefix_cache_continues_a_conversation_with_the_same_tokens_and_logprobs
         plain = conversation()
         model.enable_prefix_cache(4)
         cached = conversation()
-        assert model._prefixes  # the cache was used and kept
+        assert len(model.prefix_cache)  # the cache was used and kept
     finally:
         model.enable_prefix_cache(0)
     for (ids_a, lp_a), (ids_b, lp_b) in zip(plain, cached):
@@ -269,7 +269,7 @@ def test_first_refusal_is_pushed_down_on_its_unlikely_tokens_only_whatever_the_r
 def test_refusal_credit_first_never_pushes_up_a_call_that_repeats_an_earlier_one():
     from training.grpo_rollouts import Rollout
 
-    def looping(total, repeats):  # PG, IG, QE, then QE on the same image again and again, as pool 6 learned
+    def looping(total, repeats):  # PG, IG, QE, then QE on the same image again and again
         turns, prompt = [], [1, 2]
         for i, repeat in enumerate(repeats):
             turns.append(Turn(list(prompt), [3 + i], [-0.1], True, repeat))
@@ -406,11 +406,11 @@ def test_clipped_loss_and_kl_follow_trl():
 
 
 def test_one_grpo_step_changes_the_weights_logs_a_finite_loss_and_resumes(tiny, tmp_path, sample_dir, likelihood_reward):
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     before = {k: v.clone() for k, v in load_local_model(tiny).model.state_dict().items()}
     config_file = tmp_path / "grpo.yaml"
-    fields = job(tmp_path, tiny).__dict__
+    fields = job(tmp_path, tiny).to_dict()
     config_file.write_text(yaml.safe_dump(fields))
     assert main(["train", "grpo", "--config", str(config_file)]) == 0
     out = Path(fields["output_dir"])
@@ -440,7 +440,7 @@ def test_one_grpo_step_changes_the_weights_logs_a_finite_loss_and_resumes(tiny, 
 
 
 def test_lora_step_trains_adapters_only_and_saves_a_merged_plain_model(tiny, tmp_path, sample_dir, likelihood_reward):
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     import shutil
 
@@ -448,7 +448,7 @@ def test_lora_step_trains_adapters_only_and_saves_a_merged_plain_model(tiny, tmp
     shutil.copytree(tiny, tiny_copy)
     start = trained_tensors(tiny_copy)
     config_file = tmp_path / "grpo.yaml"
-    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0, "guard_probes_per_tool": 1}
+    fields = {**job(tmp_path, tiny_copy).to_dict(), "lora_r": 2, "lora_alpha": 4.0, "guard_probes_per_tool": 1}
     config_file.write_text(yaml.safe_dump(fields))
     assert main(["train", "grpo", "--config", str(config_file)]) == 0
     out = Path(fields["output_dir"])
@@ -482,10 +482,10 @@ def test_openai_rollouts_through_serve_policy_record_tokens_and_sync_weights(tin
     try:
         config = job(tmp_path, tiny, rollout_backend="openai", base_url=served.base_url, weight_sync="serve-policy")
         tasks_dir = tmp_path / "t"
-        from evals.policy_eval import make_tasks
+        from graph.tasks import make_tasks
 
         groups = run_groups(make_tasks(tasks_dir, 1, seed=7), 2, config.graph_overrides(), tmp_path / "runs",
-                            config.weights, workers=2)
+                            config.rewards, workers=2)
         turns = [t for r in groups[0] for t in r.turns]
         assert turns and all(t.prompt_ids and t.logprobs is not None and len(t.logprobs) == len(t.token_ids) for t in turns)
 
@@ -519,25 +519,25 @@ def test_shipped_grpo_configs_parse_and_build_trls_config():
 
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(GRPOConfigError, match="base_url"):
-        GRPOJobConfig(output_dir="x", rollout_backend="openai")
+        GRPOJobConfig.from_dict(dict(output_dir="x", rollout_backend="openai"))
     with pytest.raises(GRPOConfigError, match="num_generations"):
-        GRPOJobConfig(output_dir="x", num_generations=1)
+        GRPOJobConfig.from_dict(dict(output_dir="x", num_generations=1))
     with pytest.raises(GRPOConfigError, match="pass_qualty"):
-        GRPOJobConfig(output_dir="x", graph={"pass_qualty": 4})
-    with pytest.raises(GRPOConfigError, match="lora_r needs rollout_backend local"):
-        GRPOJobConfig(output_dir="x", rollout_backend="openai", base_url="http://127.0.0.1:1/v1", lora_r=8)
+        GRPOJobConfig.from_dict(dict(output_dir="x", graph={"pass_qualty": 4}))
+    with pytest.raises(GRPOConfigError, match="lora.r needs rollout_backend local"):
+        GRPOJobConfig.from_dict(dict(output_dir="x", rollout_backend="openai", base_url="http://127.0.0.1:1/v1", lora_r=8))
     with pytest.raises(GRPOConfigError, match="scale_rewards"):
-        GRPOJobConfig(output_dir="x", scale_rewards="mean")
+        GRPOJobConfig.from_dict(dict(output_dir="x", scale_rewards="mean"))
     with pytest.raises(GRPOConfigError, match="rejected_turn_advantage"):
-        GRPOJobConfig(output_dir="x", rejected_turn_advantage=-1.0)
+        GRPOJobConfig.from_dict(dict(output_dir="x", rejected_turn_advantage=-1.0))
     with pytest.raises(GRPOConfigError, match="refusal_credit"):
-        GRPOJobConfig(output_dir="x", refusal_credit="last")
+        GRPOJobConfig.from_dict(dict(output_dir="x", refusal_credit="last"))
     with pytest.raises(GRPOConfigError, match="negative_advantage_scale"):
-        GRPOJobConfig(output_dir="x", negative_advantage_scale=1.5)
+        GRPOJobConfig.from_dict(dict(output_dir="x", negative_advantage_scale=1.5))
     with pytest.raises(GRPOConfigError, match="validation_seed"):
-        GRPOJobConfig(output_dir="x", validation_tasks=2, validation_seed=0)
+        GRPOJobConfig.from_dict(dict(output_dir="x", validation_tasks=2, validation_seed=0))
     with pytest.raises(GRPOConfigError, match="validate_every"):
-        GRPOJobConfig(output_dir="x", validation_tasks=2, validate_every=0)
+        GRPOJobConfig.from_dict(dict(output_dir="x", validation_tasks=2, validate_every=0))
     (tmp_path / "c.yaml").write_text("output_dir: x\nlearning_rat: 1\n")
     with pytest.raises(GRPOConfigError, match="learning_rat"):
         GRPOJobConfig.from_yaml(tmp_path / "c.yaml")
@@ -583,12 +583,12 @@ def test_validation_scores_the_start_and_every_n_steps_keeps_the_best_and_resume
     shutil.copytree(tiny, tiny_copy)
     start = trained_tensors(tiny_copy)
     config_file = tmp_path / "grpo.yaml"
-    fields = {**job(tmp_path, tiny_copy).__dict__, "lora_r": 2, "lora_alpha": 4.0, "learning_rate": 0.05,
+    fields = {**job(tmp_path, tiny_copy).to_dict(), "lora_r": 2, "lora_alpha": 4.0, "learning_rate": 0.05,
               "max_steps": 3, "validation_tasks": 1, "validate_every": 2}
     config_file.write_text(yaml.safe_dump(fields))
     assert main(["train", "grpo", "--config", str(config_file), "--max-steps", "2"]) == 0
     out = Path(fields["output_dir"])
-    config = GRPOJobConfig(**fields)
+    config = GRPOJobConfig.from_dict(fields)
     validation = make_validation_tasks(config, tmp_path / "t")
     train, heldout = make_task_sets(config, tmp_path / "t")
     assert {t.image for t in validation}.isdisjoint({t.image for t in train} | {t.image for t in heldout})
@@ -613,7 +613,7 @@ def test_eval_grpo_pairs_two_policies_on_another_heldout_set(tiny, tmp_path, sam
     twin = tmp_path / "twin"
     shutil.copytree(tiny, twin)  # the same weights in another folder: its own model object and caches
     config_file = tmp_path / "grpo.yaml"
-    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).__dict__))
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).to_dict()))
     out = tmp_path / "compare"
     assert main(["eval", "grpo", "--config", str(config_file), "--before", str(tiny), "--after", str(twin),
                  "--heldout-seed", "1", "--output-dir", str(out)]) == 0
@@ -632,7 +632,7 @@ def test_eval_grpo_pairs_several_after_policies_with_one_before_run(tiny, tmp_pa
     twin = tmp_path / "twin"
     shutil.copytree(tiny, twin)
     config_file = tmp_path / "grpo.yaml"
-    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).__dict__))
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny).to_dict()))
     out = tmp_path / "compare"
     assert main(["eval", "grpo", "--config", str(config_file), "--before", str(tiny), "--after", str(twin),
                  str(tiny), "--output-dir", str(out)]) == 0
@@ -646,7 +646,7 @@ def test_eval_grpo_pairs_several_after_policies_with_one_before_run(tiny, tmp_pa
     assert f"after2: {tiny}" in lines and lines.count(f"after: {twin}") == 1
     assert lines[-1] == (f"grpo reward_before {summary['before']['reward_mean']:.4f} "
                          f"reward_after {summary['afters'][1]['result']['reward_mean']:.4f}")
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     assert load_local_model(tiny).prefix_cache_size == 0 == load_local_model(twin).prefix_cache_size  # caches freed
 
@@ -657,7 +657,7 @@ def test_bench_grpo_update_prints_kl_and_gain_per_setting(tiny, tmp_path, sample
     tiny_copy = tmp_path / "tiny"
     shutil.copytree(tiny, tiny_copy)
     config_file = tmp_path / "grpo.yaml"
-    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny_copy).__dict__))
+    config_file.write_text(yaml.safe_dump(job(tmp_path, tiny_copy).to_dict()))
     assert main(["bench", "grpo-update", "--config", str(config_file), "--settings", "full:1e-2,lora2:1e-1",
                  "--updates", "2", "--out", str(tmp_path / "bench")]) == 0
     out = capsys.readouterr().out
@@ -675,7 +675,7 @@ def test_bench_rollouts_times_one_round_per_decoding_mode_on_the_same_seeds(tiny
     tiny_copy = tmp_path / "tiny"  # its own LocalModel: the modes switch batching on the loaded model
     shutil.copytree(tiny, tiny_copy)
     config_file = tmp_path / "grpo.yaml"
-    config_file.write_text(yaml.safe_dump({**job(tmp_path, tiny_copy).__dict__, "temperature": 0.0}))
+    config_file.write_text(yaml.safe_dump({**job(tmp_path, tiny_copy).to_dict(), "temperature": 0.0}))
     assert main(["bench", "rollouts", "--config", str(config_file), "--out", str(tmp_path / "bench")]) == 0
     rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if line.startswith(("│ one", "│ batched"))]
     assert [r[1].strip() for r in rows] == ["one", "batched"]

@@ -8,7 +8,8 @@ import json
 import pytest
 from tiny_llm import build_tiny_llm
 
-from training.grpo_guard import (FINAL_ANSWER, Probe, UpdateGuard, called_tool, candidate_probes, checked_positions,
+from graph.protocol import FINAL_ANSWER
+from training.grpo_guard import (Probe, UpdateGuard, called_tool, candidate_probes, checked_positions,
                                  probe_passes, turn_move)
 from training.grpo_rewards import RewardBreakdown
 from training.grpo_rollouts import Rollout, Turn
@@ -21,7 +22,7 @@ PROMPT_GEN_CALL = '<tool_call>\n{"name": "prompt_gen", "arguments": {}}\n</tool_
 @pytest.fixture(scope="module")
 def writes_prompt_gen(tmp_path_factory):
     """A LocalModel whose greedy reply to any conversation is exactly `PROMPT_GEN_CALL` (one token), then the end."""
-    from graph.policies.local_model import LocalModel, load_local_model
+    from graph.inference import LocalModel, load_local_model
 
     folder = build_tiny_llm(tmp_path_factory.mktemp("guard") / "model", fixed_reply=PROMPT_GEN_CALL)
     loaded = load_local_model(folder)
@@ -175,8 +176,8 @@ def test_a_guard_that_is_off_or_has_no_probes_changes_nothing(writes_prompt_gen)
 
 
 def test_a_probe_fails_when_the_thought_is_no_longer_greedy_though_the_call_after_it_still_is(writes_prompt_gen):
-    """Session 12's blind spot: teacher-forced on the written thought, the call was still greedy while the
-    policy's own turn had changed. This model writes its call straight away, never this thought."""
+    """Teacher-forced on the written thought, the call can still be greedy while the policy's own turn has
+    changed. This model writes its call straight away, never this thought."""
     local = writes_prompt_gen
     tokenizer = local.tokenizer
     prompt = state_prompt(local, "a state")

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from training.grpo_rewards import RewardWeights, reflection_reward, repeated_call_turns, score_rollout, task_reward
+from graph.protocol import repeated_call_turns
+from training.grpo_rewards import RewardWeights, reflection_reward, score_rollout, task_reward
 
 WEIGHTS = RewardWeights(task=1.0, reflection=1.0, behaviour=0.5, over_budget_penalty=0.1)
 FAIL = {"location": 5.0, "quality": 2.0, "passed": False}
@@ -22,10 +23,11 @@ def run(steps: list[tuple[str, dict[str, Any], str]], evaluations: dict[str, dic
     for text in raw_turns:
         messages.append(AIMessage(content="", invalid_tool_calls=[{"name": None, "args": text, "id": "bad", "error": "x",
                                                                    "type": "invalid_tool_call"}]))
-        messages.append(ToolMessage("Error: could not parse the tool call", tool_call_id="bad"))
+        messages.append(ToolMessage("Error: could not parse the tool call", tool_call_id="bad", status="error"))
     for i, (name, args, observation) in enumerate(steps):
         messages.append(AIMessage(content="thought", tool_calls=[{"name": name, "args": args, "id": f"c{i}"}]))
-        messages.append(ToolMessage(observation, tool_call_id=f"c{i}", name=name))
+        marked = "error" if observation.startswith("Error:") else "success"  # as the graph marks its error observations
+        messages.append(ToolMessage(observation, tool_call_id=f"c{i}", name=name, status=marked))
     if final is not None:
         messages.append(AIMessage(content=final))
     last = max(evaluations, key=int) if evaluations else None
@@ -95,7 +97,8 @@ def test_calls_over_budget_are_penalised():
     within = run(steps, {"2": PASS})
     over = run(steps, {"2": PASS})
     over[0]["messages"].insert(-1, AIMessage(content="", tool_calls=[{"name": "image_gen", "args": {"prompt": "again", "image": 1}, "id": "z"}]))
-    over[0]["messages"].insert(-1, ToolMessage("Error: the image_gen budget is used up; call mask_gen", tool_call_id="z"))
+    over[0]["messages"].insert(-1, ToolMessage("Error: the image_gen budget is used up; call mask_gen", tool_call_id="z",
+                                                  status="error"))
     exhausted = run(steps, {"2": PASS}, status="budget_exhausted")
     assert score(over).over_budget == 1 and score(exhausted).over_budget == 1 and score(within).over_budget == 0
     assert score(over).behaviour < score(within).behaviour
@@ -106,7 +109,7 @@ def test_repeating_a_call_that_answers_the_same_thing_is_penalised_and_a_qe_loop
     steps = [("prompt_gen", {}, "I"), ("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 2>"),
              ("quality_eval", {"image": 2}, "Image 2: PASS")]
     loop = run(steps + [("quality_eval", {"image": 2}, "Image 2: PASS")] * 7, {"2": PASS}, final=None,
-               status="budget_exhausted", mask_by="finalize")  # session 8's pool-7 policy, turn for turn
+               status="budget_exhausted", mask_by="finalize")  # a policy that learned a QE loop, turn for turn
     retry_same_image = run(steps + [("image_gen", {"prompt": "add a crack", "image": 1}, "Generated <image 3>"),
                                     ("quality_eval", {"image": 3}, "Image 3: PASS"), ("mask_gen", {"image": 3}, "M")],
                            {"2": PASS, "3": PASS})
@@ -131,7 +134,7 @@ def test_a_run_of_malformed_outputs_is_scored_low_without_raising():
 
 
 def test_turns_the_graph_refused_are_marked_turn_by_turn():
-    from evals.policy_eval import turns_accepted
+    from graph.protocol import turns_accepted
 
     steps = [("prompt_gen", {}, "Instruction: x"),
              ("quality_eval", {"image": 1}, "Error: invalid arguments for quality_eval"),  # fails its schema

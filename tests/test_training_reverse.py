@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from graph import prompts
-from graph.cli import main
+from anomaly_agent_cli import main
 from tools.imaging import load_image, load_mask
 from tools.knowledge.catalog import load_catalog
 from tools.samples import sample_image

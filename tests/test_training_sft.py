@@ -11,11 +11,11 @@ from served_policy import Served
 from tiny_llm import build_tiny_llm
 
 from graph.batch import list_images, plan, run_batch
-from graph.cli import main
+from anomaly_agent_cli import main
 from graph.configuration import Configuration
 from graph.graph import build_graph, recursion_limit
-from graph.policies.chat_template import template_supports_tools
-from graph.policies.local_model import load_local_model
+from graph.inference.chat_template import template_supports_tools
+from graph.inference import load_local_model
 from graph.tool_calls import tool_schemas
 from training.chat_templates import COMPACT_CHATML_TEMPLATE, has_generation_markers
 from training.sft_config import SFTConfigError, SFTJobConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from graph.batch import list_images, plan, run_batch
-from graph.cli import main
+from anomaly_agent_cli import main
 from graph.tool_calls import tool_schemas
 from training.trajectories import (
     TrajectoryError,
@@ -61,7 +61,7 @@ def test_dataset_rows_render_exactly_as_the_local_policy_renders_the_run(batch_r
     from tiny_llm import build_tiny_llm
     from transformers import AutoTokenizer
 
-    from graph.policies.local_model import _arguments_as_objects
+    from graph.inference.model import _arguments_as_objects
     from training.chat_templates import TEMPLATES
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm"))

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from graph import prompts
-from graph.policies.chat_template import HERMES_CHATML_TEMPLATE
+from graph.inference.chat_template import HERMES_CHATML_TEMPLATE
 from graph.tool_calls import tool_schemas
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -85,7 +85,7 @@ def feature_maps(images: list[np.ndarray], levels: tuple[int, ...] = LEVELS) -> 
     last = max(levels)
     with _lock, torch.inference_mode():
         # One thread: these tensors are small, and on a busy machine torch's worker threads spin-wait
-        # (measured: 40 ms with one thread, 900 ms with two while another process used the CPUs).
+        # (one thread was over 20x faster than two while another process used the CPUs; RESULTS.md).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

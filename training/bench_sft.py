@@ -1,6 +1,6 @@
 """Benchmark: SFT of SmolLM2-135M on the SFT data on this machine's CPU, timed, with the load around it.
 
-    python -m training.bench_sft --config training/configs/sft_smollm2_cpu.yaml [--wait-load 1.5 --max-wait 600]
+    anomaly-agent bench sft --config training/configs/sft_smollm2_cpu.yaml [--wait-load 1.5 --max-wait 600]
 
 Why the load is part of the result: the machine is shared, and a CPU run's time scales with the cores
 it actually gets. The script waits (up to --max-wait seconds) for the 1-minute load average to drop
@@ -28,7 +28,7 @@ def wait_for_load(threshold: float, max_wait: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.bench_sft", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="anomaly-agent bench sft", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--output-dir", dest="output_dir")
     parser.add_argument("--dataset")

@@ -6,7 +6,7 @@ of every example, and inference pays for it on every turn. A fine-tuned policy h
 names and arguments from the data (and the system prompt already says what each tool does), so the
 compact template renders each as one line, ``- image_gen(prompt: string, image: integer)``, about 80
 tokens in all, and keeps everything else byte for byte
-as in `graph.policies.chat_template.HERMES_CHATML_TEMPLATE`: the system prompt, ``<tool_call>{json}</tool_call>``
+as in `graph.inference.chat_template.HERMES_CHATML_TEMPLATE`: the system prompt, ``<tool_call>{json}</tool_call>``
 calls, ``<tool_response>`` results, and the ``{% generation %}`` markers around each assistant turn
 (its ``<|im_end|>`` included, so the model learns to stop). It is still rendered from the ``tools`` the
 policy sends, so a changed schema changes the prompt.
@@ -18,7 +18,7 @@ The template is saved with the checkpoint (``tokenizer.chat_template``), so the 
 
 from __future__ import annotations
 
-from graph.policies.chat_template import HERMES_CHATML_TEMPLATE
+from graph.inference.chat_template import HERMES_CHATML_TEMPLATE
 
 _HERMES_TOOLS_START = "{%- if tools %}"
 _HERMES_TOOLS_END = "{%- endif %}{{- '<|im_end|>\\n' }}"

@@ -1,7 +1,7 @@
-"""The training subcommands of `anomaly-agent` (``trajectories export``, ``trajectories reverse``, ``train sft``, ``train grpo``).
+"""The training commands of `anomaly-agent` (``trajectories``, ``train``, ``eval grpo``, the training benchmarks).
 
-`graph/cli.py` only declares their flags and imports this module when one of them runs, so the
-other commands never pay for datasets, TRL or matplotlib.
+Each command imports its training code only when it runs, so the other commands never pay for
+datasets, TRL or matplotlib.
 """
 
 from __future__ import annotations
@@ -10,6 +10,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+from graph.cli import add_passthrough, command_group
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The training exceptions whose message is written for the user."""
+    from training.grpo_config import GRPOConfigError
+    from training.reverse import ReverseError
+    from training.sft_config import SFTConfigError
+    from training.trajectories import TrajectoryError
+
+    return (ReverseError, SFTConfigError, GRPOConfigError, TrajectoryError)
 
 
 def cmd_trajectories_export(args: argparse.Namespace) -> int:
@@ -113,3 +126,88 @@ def print_heldout(summary: dict) -> None:
         print(f"held-out paired difference (after - before, same tasks and seeds): {paired['mean']:+.3f} "
               f"(standard error {paired['se']:.3f} over {paired['pairs']} pairs)")
     print(f"grpo reward_before {before['reward_mean']:.4f} reward_after {after['reward_mean']:.4f}")
+
+
+def build_sft_data(argv: list[str]) -> int | None:
+    from training.data import main
+
+    return main(argv)
+
+
+def bench_grpo_update(argv: list[str]) -> int | None:
+    from training.bench_grpo_update import main
+
+    return main(argv)
+
+
+def bench_rollouts(argv: list[str]) -> int | None:
+    from training.bench_rollouts import main
+
+    return main(argv)
+
+
+def bench_sft(argv: list[str]) -> int | None:
+    from training.bench_sft import main
+
+    return main(argv)
+
+
+def register(sub: Any) -> None:
+    """Add the training commands to the `anomaly-agent` subcommands `sub`."""
+    ev = command_group(sub, "eval", "evaluations")
+    q = ev.add_parser("grpo", help="held-out GRPO reward of a policy before and one or more after training, "
+                                   "on the same tasks and seeds, paired")
+    q.add_argument("--config", required=True, help="the GRPO YAML (graph settings, rewards, held-out size)")
+    q.add_argument("--before", required=True, help="model folder before training (e.g. the SFT checkpoint)")
+    q.add_argument("--after", required=True, nargs="+",
+                   help="model folder(s) after training (e.g. OUTPUT_DIR/final); several share one 'before' run")
+    q.add_argument("--heldout-seed", dest="heldout_seed", type=int, help="another held-out set than the config's")
+    q.add_argument("--heldout-tasks", dest="heldout_tasks", type=int, help="override the config's heldout_tasks")
+    q.add_argument("--workers", type=int, help="rollouts at once (local backend: rows of one decoding batch)")
+    q.add_argument("--output-dir", dest="output_dir", help="where rollouts and grpo_compare.json go")
+    q.set_defaults(func=cmd_eval_grpo)
+
+    tr = command_group(sub, "trajectories", "training data: export graph traces, reverse-synthesize real anomalies")
+    q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")
+    q.add_argument("--input", required=True, nargs="+",
+                   help="batch roots, run folders, trajectory .json/.jsonl files or SqliteSaver .sqlite files")
+    q.add_argument("--out", required=True, help="JSONL file to write")
+    q.add_argument("--hf-dataset", dest="hf_dataset", help="also save a datasets.Dataset (messages, tools) here")
+    q.add_argument("--images", action="store_true", help="add the normal image (for vision-language policies)")
+    q.add_argument("--statuses", default="success,budget_exhausted", help="keep runs with these statuses")
+    q.add_argument("--all-statuses", dest="all_statuses", action="store_true", help="keep every run")
+    q.set_defaults(func=cmd_trajectories_export)
+    q = tr.add_parser("reverse", help="staged 1-3 image_gen trajectories ending in real anomalies (MVTec layout)")
+    q.add_argument("--dataset", required=True, help="ROOT with ROOT/<category>/test/<type> and ground_truth/<type>")
+    q.add_argument("--out", required=True, help="JSONL file to write; images go to <out>_runs/")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--stages", default="1,2,3", help="image_gen calls per trajectory, comma-separated")
+    q.add_argument("--categories", help="comma-separated subset of categories")
+    q.add_argument("--limit", type=int, help="use at most this many anomalies")
+    q.add_argument("--size", type=int, help="resize images so the longer side is this many pixels")
+    q.add_argument("--config", help="YAML file with agent configuration keys (budget, QE thresholds...)")
+    q.set_defaults(func=cmd_trajectories_reverse)
+    add_passthrough(tr, "sft-data", "the SFT data set: scripted graph runs plus reverse trajectories, held-out split",
+                    build_sft_data)
+
+    tr = command_group(sub, "train", "train a policy")
+    q = tr.add_parser("sft", help="supervised fine-tuning on trajectories with TRL (assistant-only loss)")
+    q.add_argument("--config", required=True, help="YAML file of training.sft_config.SFTJobConfig fields")
+    q.add_argument("--dataset", help="override the config's dataset")
+    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
+    q.add_argument("--model", help="override the config's base model folder")
+    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    q.add_argument("--time-limit", dest="time_limit", type=float, help="stop training after this many seconds")
+    q.set_defaults(func=cmd_train_sft)
+    q = tr.add_parser("grpo", help="GRPO from groups of the policy's own rollouts through the graph")
+    q.add_argument("--config", required=True, help="YAML file of training.grpo_config.GRPOJobConfig fields")
+    q.add_argument("--output-dir", dest="output_dir", help="override the config's output_dir")
+    q.add_argument("--model", help="override the config's starting model folder")
+    q.add_argument("--max-steps", dest="max_steps", type=int, help="override the config's max_steps")
+    q.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint (optimizer and step)")
+    q.set_defaults(func=cmd_train_grpo)
+
+    bench = command_group(sub, "bench", "benchmarks (each takes its own options; see its --help)")
+    add_passthrough(bench, "grpo-update", "KL vs gain of one GRPO update per rule and learning rate", bench_grpo_update)
+    add_passthrough(bench, "rollouts", "a GRPO round's time per decoding mode", bench_rollouts)
+    add_passthrough(bench, "sft", "SFT training time and memory, waiting for a quiet machine", bench_sft)

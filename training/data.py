@@ -1,6 +1,6 @@
 """Make the SFT data: scripted graph runs over sample images plus reverse trajectories, disjoint from eval tasks.
 
-    python -m training.data --out out/sft-data     # 300 trajectories (240 graph + 60 reverse), ~15 min on 2 cores
+    anomaly-agent trajectories sft-data --out out/sft-data     # 300 trajectories (240 graph + 60 reverse), ~15 min on 2 cores
 
 Held-out split: `anomaly-agent eval policy` draws its tasks from sample images made with its ``--seed``
 (default 0: `tools.samples.make_samples(seed=0)`, images 0 and 1 of each category) and run seeds
@@ -31,7 +31,7 @@ TRAIN_SAMPLE_SEED = 1
 REVERSE_SAMPLE_SEED = 3
 GRAPH_BATCH_SEED = 11
 HELD_OUT_EVAL_SEEDS = (0,)
-EVAL_IMAGES_PER_CATEGORY = 2  # evals.policy_eval.make_tasks: make_samples(per_category=2)
+EVAL_IMAGES_PER_CATEGORY = 2  # graph.tasks.make_tasks: make_samples(per_category=2)
 
 
 def category_types() -> dict[str, list[str]]:
@@ -122,7 +122,7 @@ def make_data(out: Path, *, images_per_category: int = 10, reverse_per_type: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="anomaly-agent trajectories sft-data", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--images-per-category", type=int, default=10)
     parser.add_argument("--reverse-per-type", type=int, default=2)

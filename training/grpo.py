@@ -1,16 +1,19 @@
 """`anomaly-agent train grpo`: GRPO of a policy from groups of its own rollouts through the real graph (DESIGN §6).
 
-One step, nanoGPT-style in one loop:
-1. rollouts: `tasks_per_step` training tasks x `num_generations` runs through `graph.graph.build_graph`
-   at `temperature` (`training.grpo_rollouts`), each scored by the three rewards (`training.grpo_rewards`);
-2. update: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
+`GRPOTrainer` runs the steps in TRL's trainer shape; one step:
+1. `rollout`: `tasks.tasks_per_step` training tasks x `num_generations` runs through
+   `graph.graph.build_graph` at `temperature` (`training.grpo_rollouts`), each scored by the named reward
+   functions (`training.grpo_rewards.reward_functions`);
+2. `update`: group-relative advantages, zero-spread groups dropped, the clipped surrogate + beta * KL to a
    frozen copy of the starting policy on the policy's tokens only (`training.grpo_loss`), gradients
-   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW; with
-   `guard_probes_per_tool` > 0 the step is then line-searched against probes from successful training
-   rollouts (`training.grpo_guard`) and halved or undone when it breaks a call the protocol forces;
+   accumulated over `gradient_accumulation_steps` rounds, clipped to `max_grad_norm`, AdamW;
 3. log a row to ``rewards.jsonl`` (reward mean/std, each component, loss, KL, clip fraction, seconds) and
-   redraw ``reward_curve.png``; every `save_steps` save ``checkpoint/`` (trained tensors, optimizer, state),
-   which ``--resume`` continues from; with the openai backend, sync the weights to the server.
+   redraw ``reward_curve.png``; every `save_steps` `save` ``checkpoint/`` (trained tensors, optimizer,
+   state), which ``--resume`` continues from.
+The callbacks (`training.grpo_callbacks`) hook into it: the update guard line-searches an update against
+probes of the protocol's forced moves, the weight sync keeps the rollout engine on the trained weights,
+the time limit stops before a step that would end past it, and the selection validates and keeps the
+best policy.
 
 Before the first and after the last step the mean reward on the held-out tasks (the `eval policy` tasks
 of `heldout_seed`, never trained on: training images are checked disjoint by content hash) is measured
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from tools.imaging import write_text_atomic
+from training.grpo_callbacks import (GRPOCallback, GuardCallback, SelectionCallback, TimeLimitCallback, TrainerControl,
+                                     WeightSyncCallback, expected_step_seconds, next_step_fits)
 from training.grpo_config import GRPOConfigError, GRPOJobConfig
 from training.grpo_guard import UpdateGuard
 from training.grpo_loss import accumulate_gradients, rollout_sequences
@@ -54,34 +59,34 @@ FINAL = "final"
 
 def make_task_sets(config: GRPOJobConfig, folder: Path) -> tuple[list[Any], list[Any]]:
     """(training tasks, held-out tasks); raises if a training image is a held-out image."""
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
-    if config.train_sample_seed == config.heldout_seed:
+    if config.tasks.train_sample_seed == config.tasks.heldout_seed:
         raise GRPOConfigError("train_sample_seed must differ from heldout_seed (the held-out images come from it)")
-    heldout = make_tasks(folder / "heldout", config.heldout_tasks, seed=config.heldout_seed, size=config.image_size)
-    train = make_tasks(folder / "train", config.train_tasks, seed=config.train_sample_seed, size=config.image_size)
-    kept_out = (config.heldout_seed, config.validation_seed) if config.validation_tasks else (config.heldout_seed,)
-    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.image_size, kept_out))
+    heldout = make_tasks(folder / "heldout", config.tasks.heldout_tasks, seed=config.tasks.heldout_seed, size=config.tasks.image_size)
+    train = make_tasks(folder / "train", config.tasks.train_tasks, seed=config.tasks.train_sample_seed, size=config.tasks.image_size)
+    kept_out = (config.tasks.heldout_seed, config.tasks.validation_seed) if config.tasks.validation_tasks else (config.tasks.heldout_seed,)
+    check_disjoint(sorted({Path(t.image) for t in train}), eval_image_hashes(config.tasks.image_size, kept_out))
     return train, heldout
 
 
 def make_validation_tasks(config: GRPOJobConfig, folder: Path) -> list[Any]:
     """The validation tasks (none when `validation_tasks` is 0); raises if an image is a held-out one."""
-    from evals.policy_eval import make_tasks
+    from graph.tasks import make_tasks
     from training.data import check_disjoint, eval_image_hashes
 
-    if not config.validation_tasks:
+    if not config.tasks.validation_tasks:
         return []
-    tasks = make_tasks(folder / "validation", config.validation_tasks, seed=config.validation_seed,
-                       size=config.image_size)
-    check_disjoint(sorted({Path(t.image) for t in tasks}), eval_image_hashes(config.image_size, (config.heldout_seed,)))
+    tasks = make_tasks(folder / "validation", config.tasks.validation_tasks, seed=config.tasks.validation_seed,
+                       size=config.tasks.image_size)
+    check_disjoint(sorted({Path(t.image) for t in tasks}), eval_image_hashes(config.tasks.image_size, (config.tasks.heldout_seed,)))
     return tasks
 
 
 def load_policy(config: GRPOJobConfig) -> tuple[Any, Any]:
     """(the model to train, the LocalModel the rollouts use or None for the openai backend)."""
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     local = load_local_model(config.model)
     if config.rollout_backend == "local":
@@ -127,7 +132,7 @@ def evaluate(config: GRPOJobConfig, tasks: list[Any], out: Path, label: str, pro
 
     The same tasks and run seeds before and after training, so the two means are paired samples.
     """
-    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / label, config.weights,
+    groups = run_groups(tasks, config.tasks.eval_generations, config.graph_overrides(), out / "runs" / label, config.rewards,
                         workers=config.workers, progress=progress, desc=f"held-out {label}")
     summary = reward_summary(groups)
     _append_jsonl(out / f"heldout_{label}.jsonl", [r.log_row() for g in groups for r in g])
@@ -144,11 +149,11 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
     policies are compared on paired rollouts.
     """
     t0 = time.perf_counter()
-    groups = run_groups(tasks, config.eval_generations, config.graph_overrides(), out / "runs" / "validation",
-                        config.weights, workers=config.workers, progress=progress, desc=f"validation after step {step}")
+    groups = run_groups(tasks, config.tasks.eval_generations, config.graph_overrides(), out / "runs" / "validation",
+                        config.rewards, workers=config.workers, progress=progress, desc=f"validation after step {step}")
     shutil.rmtree(out / "runs" / "validation", ignore_errors=True)
     if local is not None:  # its caches would be reused across policies otherwise
-        local.enable_prefix_cache(config.prefix_cache)
+        local.clear_prefix_cache()
     summary = reward_summary(groups)
     improved = selector.offer(step, summary, model, seconds=time.perf_counter() - t0)
     _append_jsonl(out / VALIDATION_FILE, [{"step": step, **r.log_row()} for g in groups for r in g])
@@ -157,160 +162,205 @@ def validate(config: GRPOJobConfig, tasks: list[Any], out: Path, step: int, loca
                 selector.last_seconds())
 
 
-def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Run GRPO as configured; return the summary also written to ``output_dir/grpo_summary.json``."""
-    import torch
+class GRPOTrainer:
+    """GRPO through the agent graph, in TRL's trainer shape: `rollout`, `update`, `evaluate`, `validate` and
+    `save` steps, and callbacks (`training.grpo_callbacks`) for the update guard, the validation that keeps
+    the best policy, the time limit and the weight sync.
 
-    from graph.policies.local_model import load_local_model
-    from training.grpo_sync import sync_weights
-    from training.sft import count_parameters, freeze_for_training
+    Args:
+        config: The run.
+        callbacks: The hooks into the loop; None: `default_callbacks`.
+        progress: Progress bars on stderr.
+    """
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    trl_args = config.to_trl()  # TRL's GRPOConfig validates and holds the optimisation fields
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, local = load_policy(config)
-    ref = None
-    if trl_args.beta != 0.0:
-        ref = copy.deepcopy(model).eval()
-        for parameter in ref.parameters():
-            parameter.requires_grad = False
-    adapters = add_lora(model, config) if config.lora_r else None
-    params = freeze_for_training(model, config.trainable_layers, False) if adapters is None else count_parameters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=trl_args.learning_rate,
-                                  weight_decay=trl_args.weight_decay)
-    train_tasks, heldout = make_task_sets(config, out / "tasks")
-    guard = UpdateGuard(model, load_local_model(config.model).tokenizer, config.guard_probes_per_tool,
-                        config.guard_backtracks)
-    validation = make_validation_tasks(config, out / "tasks")
-    selector = CheckpointSelector()
-    state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
-    if resume:
-        state = load_checkpoint(out / CHECKPOINT, model, optimizer)
-        guard.restore(state.pop("guard_probes", []))
-        selector = CheckpointSelector.load(out / CHECKPOINT, state.pop("selection", None))
-        trim_logs_to_checkpoint(out, state["step"], before_done=state["before"] is not None)
-        logger.info("resumed at step %d from %s", state["step"], out / CHECKPOINT)
-        if config.rollout_backend == "openai":
-            sync_weights(config, model, out / "sync")
-    else:
-        for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    started = time.perf_counter()
-    if config.evaluate_before_after and state["before"] is None:
-        state["before"] = evaluate(config, heldout, out, "before", progress)
-    gas = trl_args.gradient_accumulation_steps
-    train_started = time.perf_counter() - state["train_seconds"]
-    stopped_by_time = False
-    if validation and selector.last_step() is None:
-        validate(config, validation, out, 0, local, selector, model, progress)
-    for step in range(state["step"], trl_args.max_steps):
-        t0 = time.perf_counter()
-        tasks = [train_tasks[(step * config.tasks_per_step + j) % len(train_tasks)] for j in range(config.tasks_per_step)]
-        run_dir = out / "runs" / f"step{step:04d}"
-        groups = run_groups(tasks, trl_args.num_generations, config.graph_overrides(), run_dir, config.weights,
-                            workers=config.workers, progress=progress, desc=f"step {step + 1} rollouts")
+    def __init__(self, config: GRPOJobConfig, *, callbacks: list[GRPOCallback] | None = None,
+                 progress: bool = False) -> None:
+        import torch
+
+        from graph.inference import load_local_model
+        from training.sft import count_parameters, freeze_for_training
+
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.progress = progress
+        self.trl_args = config.to_trl()  # TRL's GRPOConfig validates and holds the optimisation fields
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model, self.local = load_policy(config)
+        self.ref = None
+        if self.trl_args.beta != 0.0:
+            self.ref = copy.deepcopy(self.model).eval()
+            for parameter in self.ref.parameters():
+                parameter.requires_grad = False
+        self.adapters = add_lora(self.model, config) if config.lora.r else None
+        self.parameters = (freeze_for_training(self.model, config.trainable_layers, False) if self.adapters is None
+                           else count_parameters(self.model))
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=self.trl_args.learning_rate, weight_decay=self.trl_args.weight_decay)
+        self.train_tasks, self.heldout = make_task_sets(config, self.out / "tasks")
+        self.guard = UpdateGuard(self.model, load_local_model(config.model).tokenizer, config.guard.probes_per_tool,
+                                 config.guard.backtracks)
+        self.validation = make_validation_tasks(config, self.out / "tasks")
+        self.selector = CheckpointSelector()
+        self.state: dict[str, Any] = {"step": 0, "history": [], "before": None, "train_seconds": 0.0}
+        self.callbacks = default_callbacks(self.guard) if callbacks is None else callbacks
+        self._train_started = 0.0
+
+    # ----------------------------------------------------------------------------------------- steps
+
+    def rollout(self, step: int) -> list[list[Any]]:
+        """The step's groups: `num_generations` scored rollouts of each of its `tasks_per_step` training tasks."""
+        config = self.config
+        tasks = [self.train_tasks[(step * config.tasks.tasks_per_step + j) % len(self.train_tasks)]
+                 for j in range(config.tasks.tasks_per_step)]
+        run_dir = self.out / "runs" / f"step{step:04d}"
+        groups = run_groups(tasks, self.trl_args.num_generations, config.graph_overrides(), run_dir, config.rewards,
+                            workers=config.workers, progress=self.progress, desc=f"step {step + 1} rollouts")
         shutil.rmtree(run_dir, ignore_errors=True)  # images of finished rollouts are not needed again
-        t_rollouts = time.perf_counter() - t0
-        _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
-        sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage,
-                                               config.refusal_credit, config.negative_advantage_scale,
-                                               config.rejected_token_max_prob)
-        t_guard = time.perf_counter()
-        probes_added = guard.add_probes(groups)
-        steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or trl_args.num_iterations > 1)
-        before_update = guard.snapshot(optimizer) if steps_optimizer else None
-        t_guard = time.perf_counter() - t_guard
-        update = policy_update(model, ref, optimizer, sequences, trl_args, apply=(step + 1) % gas == 0,
-                               progress=progress)
-        if guard.enabled:
-            t_check = time.perf_counter()
-            update.update(guard.check(optimizer, before_update), probes_added=probes_added)
-            update["guard_seconds"] = round(t_guard + time.perf_counter() - t_check, 2)
-        if local is not None and "grad_norm" in update:
-            local.enable_prefix_cache(config.prefix_cache)  # caches hold the old weights' keys
-        summary = reward_summary(groups)
-        row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
-               "groups_dropped": dropped, "sequences": len(sequences),
-               "pushed_down_tokens": sum(c < 0 for s in sequences for c in s.turn_credit or ()), **update,
-               "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
-        state["history"].append(row)
-        _append_jsonl(out / STEPS_FILE, [row])
-        logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
-                    row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
-        state["step"] = step + 1
-        if config.rollout_backend == "openai" and config.weight_sync != "none":
-            sync_weights(config, model, out / "sync")
-        # the last validation's time is reserved, so the one after the last step still fits the limit
-        limit_hit = not next_step_fits(time.perf_counter() - train_started + selector.last_seconds(),
-                                       state["history"], config.time_limit_s)
-        if validation and (state["step"] % config.validate_every == 0 or state["step"] == trl_args.max_steps
-                           or limit_hit):
-            validate(config, validation, out, state["step"], local, selector, model, progress)
-        state["train_seconds"] = time.perf_counter() - train_started
-        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, selector.history)
-        if state["step"] % config.save_steps == 0 or state["step"] == trl_args.max_steps or limit_hit:
-            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "guard_probes": guard.probe_records()},
-                            selector)
-        if limit_hit:
-            stopped_by_time = True
-            logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step was "
-                           "forecast at %.0f s)", config.time_limit_s, step + 1, state["train_seconds"],
-                           expected_step_seconds(state["history"]))
-            break
-    if validation and selector.last_step() != state["step"]:  # stopped early: the last policy is a candidate too
-        validate(config, validation, out, state["step"], local, selector, model, progress)
-    selected_step = selector.restore_best(model)
-    if selected_step is not None:
-        logger.info("selected the policy after step %s of %d (validation reward %.3f)", selected_step, state["step"],
-                    selector.best_reward)
-        if local is not None:
-            local.enable_prefix_cache(config.prefix_cache)
-    after = evaluate(config, heldout, out, "after", progress) if config.evaluate_before_after else None
-    plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after, selector.history)
-    _save_final(model if adapters is None else merged_copy(adapters), config, out / FINAL)
-    summary = {
-        "model": str(config.model), "output_dir": str(out), "final_model": str(out / FINAL),
-        "steps": state["step"], "parameters": params, "torch_threads": torch.get_num_threads(),
-        "before": state.get("before"), "after": after, "history": state["history"],
-        "paired": paired_difference(state["before"], after) if state.get("before") and after else None,
-        "validation": selector.history, "selected_step": selected_step,
-        "train_seconds": round(state["train_seconds"], 1), "stopped_by_time_limit": stopped_by_time,
-        "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
-        "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout],
-        "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(train_tasks)
-                                    if i < state["step"] * config.tasks_per_step}),
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
-    return summary
+        return groups
+
+    def update(self, step: int, groups: list[list[Any]]) -> tuple[dict[str, Any], list[Any], int]:
+        """Advantages, then `policy_update` between the guard's hooks; returns (update fields, sequences, dropped)."""
+        config, gas = self.config, self.trl_args.gradient_accumulation_steps
+        sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.credit.rejected_turn_advantage,
+                                               config.credit.refusal_credit, config.credit.negative_advantage_scale,
+                                               config.credit.rejected_token_max_prob)
+        self._call("on_rollouts_end", groups)
+        steps_optimizer = bool(sequences) and ((step + 1) % gas == 0 or self.trl_args.num_iterations > 1)
+        self._call("on_update_begin", steps_optimizer)
+        update = policy_update(self.model, self.ref, self.optimizer, sequences, self.trl_args,
+                               apply=(step + 1) % gas == 0, progress=self.progress)
+        self._call("on_update_end", update)
+        return update, sequences, dropped
+
+    def evaluate(self, label: str) -> dict[str, Any]:
+        """The held-out reward of the current policy (`evaluate`)."""
+        return evaluate(self.config, self.heldout, self.out, label, self.progress)
+
+    def validate(self, step: int) -> None:
+        """Score the current policy on the validation tasks and offer it to the selector (`validate`)."""
+        validate(self.config, self.validation, self.out, step, self.local, self.selector, self.model, self.progress)
+
+    def save(self) -> Path:
+        """The checkpoint ``--resume`` continues from."""
+        return save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer,
+                               {**self.state, "guard_probes": self.guard.probe_records()}, self.selector)
+
+    def save_final(self) -> Path:
+        """The kept policy as a full model folder (adapters merged)."""
+        _save_final(self.model if self.adapters is None else merged_copy(self.adapters), self.config, self.out / FINAL)
+        return self.out / FINAL
+
+    def flush_rollout_cache(self) -> None:
+        """Drop the local engine's kept conversations (their attention keys belong to other weights)."""
+        if self.local is not None:
+            self.local.clear_prefix_cache()
+
+    def sync_weights(self) -> None:
+        """Send the trained weights to the openai backend's server."""
+        from training.grpo_sync import sync_weights
+
+        sync_weights(self.config, self.model, self.out / "sync")
+
+    def train_seconds(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return time.perf_counter() - self._train_started
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def resume(self) -> None:
+        """Continue from ``output_dir/checkpoint``: weights, optimizer, probes, selection and logs."""
+        self.state = load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizer)
+        self.guard.restore(self.state.pop("guard_probes", []))
+        self.selector = CheckpointSelector.load(self.out / CHECKPOINT, self.state.pop("selection", None))
+        trim_logs_to_checkpoint(self.out, self.state["step"], before_done=self.state["before"] is not None)
+        logger.info("resumed at step %d from %s", self.state["step"], self.out / CHECKPOINT)
+        if self.config.rollout_backend == "openai":
+            self.sync_weights()
+
+    def train(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run the steps; return the summary also written to ``output_dir/grpo_summary.json``."""
+        import torch
+
+        out, state = self.out, self.state
+        if resume:
+            self.resume()
+            state = self.state
+        else:
+            for name in (STEPS_FILE, ROLLOUTS_FILE, VALIDATION_FILE, "heldout_before.jsonl", "heldout_after.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        started = time.perf_counter()
+        if self.config.evaluate_before_after and state["before"] is None:
+            state["before"] = self.evaluate("before")
+        self._train_started = time.perf_counter() - state["train_seconds"]
+        control = TrainerControl()
+        self._call("on_train_begin", control)
+        for step in range(state["step"], self.trl_args.max_steps):
+            t0 = time.perf_counter()
+            control = TrainerControl(stopped_by_time_limit=control.stopped_by_time_limit)
+            groups = self.rollout(step)
+            t_rollouts = time.perf_counter() - t0
+            _append_jsonl(out / ROLLOUTS_FILE, [{"step": step + 1, **r.log_row()} for g in groups for r in g])
+            update, sequences, dropped = self.update(step, groups)
+            summary = reward_summary(groups)
+            row = {"step": step + 1, **{k: round(v, 5) if isinstance(v, float) else v for k, v in summary.items()},
+                   "groups_dropped": dropped, "sequences": len(sequences),
+                   "pushed_down_tokens": sum(c < 0 for s in sequences for c in s.turn_credit or ()), **update,
+                   "rollout_seconds": round(t_rollouts, 1), "seconds": round(time.perf_counter() - t0, 1)}
+            state["history"].append(row)
+            _append_jsonl(out / STEPS_FILE, [row])
+            logger.info("step %d: reward %.3f +- %.3f, loss %.4f, kl %.4f, %d groups dropped, %.0fs", step + 1,
+                        row["reward_mean"], row["reward_std"], update["loss"], update["kl"], dropped, row["seconds"])
+            state["step"] = step + 1
+            self._call("on_step_end", control)
+            if control.should_validate:
+                self.validate(state["step"])
+            state["train_seconds"] = self.train_seconds()
+            plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), None, self.selector.history)
+            if (state["step"] % self.config.save_steps == 0 or state["step"] == self.trl_args.max_steps
+                    or control.should_training_stop or control.should_save):
+                self.save()
+            if control.should_training_stop:
+                if control.stopped_by_time_limit:
+                    logger.warning("time limit of %.0f s: stopping after step %d (%.0f s trained; the next step "
+                                   "was forecast at %.0f s)", self.config.time_limit_s, step + 1,
+                                   state["train_seconds"], expected_step_seconds(state["history"]))
+                break
+        self._call("on_train_end", control)
+        after = self.evaluate("after") if self.config.evaluate_before_after else None
+        plot_reward_curve(state["history"], out / CURVE_FILE, state.get("before"), after, self.selector.history)
+        self.save_final()
+        summary = {
+            "model": str(self.config.model), "output_dir": str(out), "final_model": str(out / FINAL),
+            "steps": state["step"], "parameters": self.parameters, "torch_threads": torch.get_num_threads(),
+            "before": state.get("before"), "after": after, "history": state["history"],
+            "paired": paired_difference(state["before"], after) if state.get("before") and after else None,
+            "validation": self.selector.history, "selected_step": self.selector.best_step,
+            "train_seconds": round(state["train_seconds"], 1),
+            "stopped_by_time_limit": control.stopped_by_time_limit,
+            "wall_seconds": round(time.perf_counter() - started, 1), "curve": str(out / CURVE_FILE),
+            "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in self.heldout],
+            "train_tasks_used": sorted({f"{t.category}/{t.anomaly_type}" for i, t in enumerate(self.train_tasks)
+                                        if i < state["step"] * self.config.tasks.tasks_per_step}),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
 
-def expected_step_seconds(history: list[dict[str, Any]], recent: int = 3) -> float:
-    """The forecast of the next step's wall time: the larger of the mean of all steps and of the last `recent`.
-
-    Why not the plain mean: steps grow when the policy's runs get longer (a looping policy makes more
-    turns per rollout). Session 11's pool-6 run had a mean of 145 s but its last three steps took 170-206 s,
-    so the mean let it start a 213 s step 160 s before the limit (it ended 53 s past it). Taking the recent
-    mean when it is larger keeps a growing run inside its limit; a run whose steps do not grow loses at most
-    the step that a few long steps in a row make look too long.
-    """
-    if not history:
-        return 0.0
-    seconds = [row["seconds"] for row in history]
-    return max(sum(seconds) / len(seconds), sum(seconds[-recent:]) / len(seconds[-recent:]))
+def default_callbacks(guard: UpdateGuard) -> list[GRPOCallback]:
+    """The guard, weight sync, time limit and selection, in the order their hooks run."""
+    return [GuardCallback(guard), WeightSyncCallback(), TimeLimitCallback(), SelectionCallback()]
 
 
-def next_step_fits(train_seconds: float, history: list[dict[str, Any]], limit_s: float | None) -> bool:
-    """Whether one more step is expected to end within `limit_s` seconds of training.
-
-    Why predict instead of stopping once the limit is crossed: a CPU step takes 80-260 s, so the old rule
-    overran its limit by up to a whole step, and a run had to be sized with that much slack to stay
-    inside a fixed wall-time budget. `expected_step_seconds` is the forecast; a long step still overruns
-    by its excess over the forecast, not by a whole step.
-    """
-    return limit_s is None or train_seconds + expected_step_seconds(history) <= limit_s
+def train_grpo(config: GRPOJobConfig, *, resume: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run GRPO as configured (`GRPOTrainer`); return the summary also written to ``output_dir/grpo_summary.json``."""
+    return GRPOTrainer(config, progress=progress).train(resume=resume)
 
 
 def compare_policies(config: GRPOJobConfig, before_model: str, after_models: list[str], *,
@@ -321,8 +371,8 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
     Why: settings tuned by looking at one held-out set's result are no longer judged fairly by it; a
     second held-out set (another `heldout_seed`, still checked disjoint from the training images) confirms
     a before/after change, with the rollouts of `train grpo`'s own evaluation. Several runs of the same
-    starting checkpoint (other pools, other settings) share one "before" evaluation instead of repeating
-    it for each (four evaluations of 48 rollouts took 31 min 17 s on 2 CPU cores).
+    starting checkpoint (other task sets, other settings) share one "before" evaluation instead of
+    repeating it for each (an evaluation takes minutes on a CPU).
 
     The first after-policy is written as ``after`` (``heldout_after.jsonl``, summary keys ``after`` and
     ``paired``), the k-th (k >= 2) as ``after<k>``; ``summary["afters"]`` lists every one in order.
@@ -353,7 +403,7 @@ def compare_policies(config: GRPOJobConfig, before_model: str, after_models: lis
               for label, model in zip(labels[1:], afters)]
     summary = {"before_model": str(before_model), "after_model": str(afters[0]), "before": results["before"],
                "after": results["after"], "paired": listed[0]["paired"], "afters": listed,
-               "heldout_seed": config.heldout_seed, "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout]}
+               "heldout_seed": config.tasks.heldout_seed, "heldout_tasks": [f"{t.category}/{t.anomaly_type}" for t in heldout]}
     (out / "grpo_compare.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -387,12 +437,11 @@ def policy_update(model: Any, ref: Any | None, optimizer: Any, sequences: list[A
 
 
 def add_lora(model: Any, config: GRPOJobConfig) -> Any:
-    """Put rank-`lora_r` LoRA adapters (peft) on the top `trainable_layers` layers, in place; returns the PeftModel.
+    """Put rank-`lora.r` LoRA adapters (peft) on the top `trainable_layers` layers, in place; returns the PeftModel.
 
     Why LoRA for GRPO on a small budget: AdamW moves every trained parameter by about the learning rate
     on its first steps whatever the gradient's size, so with ~10 noisy updates a full-weight update of
-    even 6 layers is mostly noise (measured: learning rate 3e-4 on 21M weights broke SmolLM2's tool calls
-    after one step). Adapters confine each step to a few hundred thousand directions and start as the
+    even 6 layers is mostly noise (enough to break a small model's tool calls in one step). Adapters confine each step to a few hundred thousand directions and start as the
     identity (B = 0). The adapters sit inside the model object the rollouts generate with, so the next
     round samples from the updated policy; the layers below stay frozen and shared with the reference.
     """
@@ -402,8 +451,8 @@ def add_lora(model: Any, config: GRPOJobConfig) -> Any:
 
     count = len(_decoder_layers(model))
     top = min(count, config.trainable_layers or count)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(config.lora_target_modules), layers_to_transform=list(range(count - top, count)))
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=0.0, bias="none",
+                      target_modules=list(config.lora.target_modules), layers_to_transform=list(range(count - top, count)))
     return get_peft_model(model, lora)
 
 

@@ -2,10 +2,8 @@
 
 Why: on a 2-core budget an update is a handful of sequences, and AdamW moves every adapter weight by about
 the learning rate whatever the gradient's size. One such step can flip a decision the whole protocol rests
-on. Measured (session 8, pool 7, lr 5e-3, positive-only advantages): after the third update the policy
-called ``mask_gen`` where ``image_gen`` belongs ("Apply the instruction to the normal tile." followed by
-a ``mask_gen`` call), every later rollout failed (training reward 1.46 -> 0.18), and no later update
-could recover, because a group of equal failures carries no signal.
+on (a policy that calls ``mask_gen`` where ``image_gen`` belongs fails every later rollout), and no later
+update can recover, because a group of equal failures carries no signal.
 
 What it checks: *probes*, states taken from the training rollouts that succeeded and followed the
 protocol, at the five steps where the protocol allows exactly one move (DESIGN §6):
@@ -19,20 +17,15 @@ is still the policy's greedy choice, teacher-forced: greedy decoding from that s
 turn. Probes are kept only if they pass when added. States after a failed evaluation are left out:
 there KR, a new instruction and a new image are all allowed.
 
-Why the thought too (since session 12): the first version checked only the call tokens after the
-thought the run had written, so a policy whose own thought had changed passed. Session 12's pool-5 run
-collapsed its thoughts to "Image 2." on every turn and then called mask_gen again and again after its
-mask (held-out 1.199 -> 1.078, 76 repeated calls in 24 runs); teacher-forced on its probes, its call
-tokens were all still greedy, but the first thought token of the quality_eval probe was not ("Image"
-where "Check" was written). Read back the same way, the two earlier runs that looped or answered
-early (session 11, pool 6) fail the thought check, and the two that did not (pools 5 and 7) pass it;
-the SFT policy writes these templated thoughts greedily (log p -0.03 a turn), so whole-turn probes are
-not rarer than call-only ones. The final answer after the mask is probed for the same reason: nothing
-forced the run to stop after its mask.
+Why the thought too: checking only the call tokens after the thought the run had written passes a policy
+whose own thought has changed. A policy whose thoughts collapse (to "Image 2." on every turn) goes on to
+call mask_gen again and again after its mask while its call tokens, teacher-forced after the old thought,
+are still greedy; its first thought token is not. The SFT policy writes these templated thoughts
+greedily, so whole-turn probes are not rarer than call-only ones. The final answer after the mask is
+probed for the same reason: nothing else forces the run to stop after its mask.
 
-Why teacher-forced and not generated: a probe's prompt is 1-2.5k tokens, and decoding eight of them after
-every update took ~40 s of a ~150 s CPU step (measured, session 9). The layers below the trained ones do
-not change, so their output for each probe is computed once and kept; a check runs only the trained top
+Why teacher-forced and not generated: a probe's prompt is 1-2.5k tokens, and decoding several of them
+after every update costs a large share of a CPU step. The layers below the trained ones do not change, so their output for each probe is computed once and kept; a check runs only the trained top
 layers over it.
 
 What it does: a backtracking line search on the update, as TRPO's on its KL bound. The update's
@@ -50,19 +43,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from graph.policies.chat import TOOL_CALL_OPEN
+from graph.inference.hermes import TOOL_CALL_OPEN
+from graph.protocol import FINAL_ANSWER, FORCED_MOVES
 
 logger = logging.getLogger(__name__)
-
-#: The probe "tool" of the final answer (a turn without a call), the only move the protocol allows after the mask.
-FINAL_ANSWER = "final_answer"
-
-#: (previous call, the only move the protocol allows next) - None: the run's first call.
-FORCED_CALLS: frozenset[tuple[str | None, str]] = frozenset({
-    (None, "prompt_gen"), ("prompt_gen", "image_gen"), ("image_gen", "quality_eval"), ("quality_eval", "mask_gen"),
-    ("mask_gen", FINAL_ANSWER),
-})
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -75,7 +59,7 @@ class Probe:
 
 def called_tool(text: str) -> str | None:
     """The tool of the single valid call `text` makes, or None (no call, several, or one that does not validate)."""
-    from graph.policies.chat import parse_completion
+    from graph.inference.hermes import parse_completion
     from graph.tool_calls import ValidCall, validate_call
 
     message = parse_completion(text)
@@ -88,7 +72,7 @@ def called_tool(text: str) -> str | None:
 
 def turn_move(text: str) -> str | None:
     """`called_tool` of the turn, FINAL_ANSWER for a turn with no call at all, None for anything else."""
-    from graph.policies.chat import parse_completion
+    from graph.inference.hermes import parse_completion
 
     message = parse_completion(text)
     if not message.tool_calls and not message.invalid_tool_calls and TOOL_CALL_OPEN not in text:
@@ -114,7 +98,7 @@ def checked_positions(tokenizer: Any, prompt_length: int, token_ids: list[int], 
 
 
 def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
-    """The forced states (`FORCED_CALLS`) of every rollout that succeeded and followed the protocol.
+    """The forced states (`FORCED_MOVES`) of every rollout that succeeded and followed the protocol.
 
     A ``quality_eval -> mask_gen`` state counts only in such a run, where mask_gen's image had passed; the
     final answer counts where it follows the run's mask_gen.
@@ -131,7 +115,7 @@ def candidate_probes(groups: list[list[Any]], tokenizer: Any) -> list[Probe]:
                 tool = turn_move(tokenizer.decode(turn.token_ids, skip_special_tokens=False))
                 if tool is None:
                     break  # a turn the protocol has no single move for: nothing is forced after it
-                if (previous, tool) in FORCED_CALLS:
+                if (previous, tool) in FORCED_MOVES:
                     checked = checked_positions(tokenizer, len(turn.prompt_ids), list(turn.token_ids), tool)
                     if checked:
                         probes.append(Probe((*turn.prompt_ids, *turn.token_ids), checked, tool))
@@ -206,7 +190,7 @@ class UpdateGuard:
         """
         if not self.enabled:
             return 0
-        have = {tool: sum(p.tool == tool for p in self.probes) for _, tool in FORCED_CALLS}
+        have = {tool: sum(p.tool == tool for p in self.probes) for _, tool in FORCED_MOVES}
         known = set(self.probes)
         wanted: list[Probe] = []
         for probe in candidate_probes(groups, self.tokenizer):

@@ -26,34 +26,31 @@ its runs has a refused turn; then only c pushes (its run-level advantages are 0)
 ``refusal_credit="first"`` only a run's first refused turn is pushed down, and with ``min(A_run, 0) - c``:
 the copies that follow it are consequences, and a run above its group's mean does not lift its own
 refusal. ``rejected_token_max_prob`` p < 1 narrows the push-down to the tokens sampled with probability
-below p (`pushed_down_positions` says why). Why push refusals down at all (session 14): with only the
-runs above their group's mean trained, nothing in the update lowers a malformed call, and two of three
-training pools came out writing more of them at temperature 1.0 (training/grpo_runs.md, session 13).
+below p (`pushed_down_positions` says why). Why push refusals down at all: with only the runs above
+their group's mean trained, nothing in the update lowers a malformed call, so sampling can write more of
+them after training.
 
 Refusal-aware token selection (``refusal_credit="first"``, ours): which turns of a run carry loss.
 A run with A < 0 trains on its turns up to and including the first refused one; the turns after it stay
 context. A run with A > 0 trains on its accepted turns only. Why: a failed run is usually one bad sampled
 turn followed by the model copying its own malformed call, nesting it deeper each turn (seen in the
 held-out traces: eight refused ``{"name": "image_gen", "arguments": {"name": ...`` turns after one missing
-comma). Under token-level normalisation those copies, which the model already expects (log p -0.07 a
-token against -0.58 for the first bad turn, one SFT batch), outweigh the turn that went wrong; most of
-their tokens are valid call syntax (``"image": 2}``). And a run that ended early without a mask beats a
-garbage loop in its group, so ``"run"`` pushes its early final answer up; here a refused turn in a run
-above its group's mean is never pushed up. Measured: README, GRPO (helped one training pool, not the other).
+comma). Under token-level normalisation those copies, which the model already expects (much likelier
+than the first bad turn), outweigh the turn that went wrong; most of their tokens are valid call syntax
+(``"image": 2}``). And a run that ended early without a mask beats a garbage loop in its group, so
+``"run"`` pushes its early final answer up; here a refused turn in a run above its group's mean is never
+pushed up.
 A turn whose call repeats an earlier quality_eval, mask_gen or knowledge_retrieval exactly (`Turn.repeats`)
 counts as refused here: the repeat penalty lowers the run's reward, but in a group where every run loops,
-the run that loops least is above the mean, and training all its accepted turns pushed its repeated calls
-up too (session 11, pool 6: repeated calls in a step's 8 rollouts 0-7 in steps 1-5, 22-48 in steps 8-13,
-with the guard passing every update).
+the run that loops least is above the mean, and training all its accepted turns would push its repeated
+calls up too.
 ``"run"`` (the default) trains every token on the run's advantage, DESIGN §6's update.
 
 Asymmetric advantages (``negative_advantage_scale`` s in [0, 1], ours; 1 = DESIGN §6): a run below its
 group's mean gets ``s * A``, so s = 0 trains only on the runs that beat their group (RAFT++-like
 self-imitation, Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning"). Why: raising the
 likelihood of the policy's own better samples keeps it near itself, while pushing a sampled token down
-moves its mass to every other token, garbage included; with a 135M model, LoRA at 3e-3 and one task a
-step, a run whose every update carried negatives came out emitting never-seen garbage calls in the first
-turn on the held-out tasks (README, GRPO). Measured: README, GRPO.
+moves its mass to every other token, garbage included, which a small model's first turns show first.
 """
 
 from __future__ import annotations
@@ -104,7 +101,7 @@ def turn_advantages(turns: list[Turn], advantage: float, refusal_credit: str = "
         out = [advantage if turn.accepted and not turn.repeats else None for turn in turns]
     elif advantage < 0:
         out = [advantage if i <= first_refused else None for i in range(len(turns))]
-    elif c == 0:  # a run exactly at its group's mean: its tokens carry the KL term only, as before session 14
+    elif c == 0:  # a run exactly at its group's mean: its tokens carry the KL term only
         out = [0.0] * len(turns)
     if c > 0 and first_invalid is not None:
         out[first_invalid] = min(advantage, 0.0) - c

@@ -8,14 +8,14 @@
 * reflection: sum over successive image_gen attempts of max(0, S_m - S_{m-1}) / 10, where S_m is the QE
   score of the m-th evaluated attempt: a retry that fixes what QE named is paid, a worse one is not punished.
 * behaviour: the mean of three checks, each in [0, 1] - the share of valid turns (one validating call, or
-  a final answer after mask_gen), protocol order (`evals.policy_eval.follows_protocol`: PG first, KR only
+  a final answer after mask_gen), protocol order (`graph.protocol.follows_protocol`: PG first, KR only
   after a failed QE, MG last and only after a pass) and whether the policy masked its own image - minus
   `over_budget_penalty` per call over budget (image_gen refused for budget; running out of steps counts one)
   and `repeated_call_penalty` per repeated call: a quality_eval, mask_gen or knowledge_retrieval that ran
   with the same arguments as one that already ran. Those tools answer the same thing twice, so a repeat
-  only spends a step. Why: without it a policy trained on pool 7 (session 8) learned to call quality_eval
-  on its passed image until the steps ran out, never masking; every turn was valid and in protocol order,
-  the finalize step made the mask, and that loop scored 1.28, above the SFT policy's 1.215 mean.
+  only spends a step. Why: without it a policy can learn to call quality_eval on its passed image until
+  the steps run out, never masking; every turn is valid and in protocol order, the finalize step makes
+  the mask, and such a loop can score above a policy that finishes properly.
 
 Why the eval's measures: a reward that disagreed with `anomaly-agent eval policy` would train the policy
 towards a different target than the one it is judged on. Every function here is pure over the run's
@@ -24,14 +24,11 @@ output and trajectory record, so a malformed run (no calls, garbage text) gets l
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from langchain_core.messages import ToolMessage
-
-BUDGET_REFUSAL = "budget is used up"
-DETERMINISTIC_TOOLS = ("quality_eval", "mask_gen", "knowledge_retrieval")
+from graph.protocol import RunMetrics, is_budget_refusal, measure_run, repeated_call_turns
 
 
 @dataclass(frozen=True)
@@ -85,50 +82,71 @@ def reflection_reward(evaluations: dict[str, dict[str, Any]]) -> float:
 
 def over_budget_calls(messages: list[Any], status: str) -> int:
     """Calls the graph refused for budget, plus one when the run ran out of steps."""
-    refused = sum(isinstance(m, ToolMessage) and BUDGET_REFUSAL in str(m.content) for m in messages)
+    refused = sum(is_budget_refusal(m) for m in messages)
     return refused + (status == "budget_exhausted")
 
 
-def repeated_call_turns(messages: list[Any]) -> list[bool]:
-    """For each assistant message, whether the call it ran repeats an earlier executed call of a tool that
-    answers the same arguments the same way (`DETERMINISTIC_TOOLS`); GRPO gives such a turn no positive credit."""
-    from langchain_core.messages import AIMessage
-
-    from evals.policy_eval import executed_calls
-
-    flags = [False] * sum(isinstance(m, AIMessage) for m in messages)
-    seen: set[str] = set()
-    for call in executed_calls(messages):
-        if call.name in DETERMINISTIC_TOOLS:
-            key = call.name + json.dumps(call.args, sort_keys=True)
-            flags[call.turn] = key in seen
-            seen.add(key)
-    return flags
-
-
 def repeated_calls(messages: list[Any]) -> int:
-    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one."""
+    """Executed calls of the tools that answer the same arguments the same way, repeating an earlier one
+    (`graph.protocol.repeated_call_turns`; GRPO gives such a turn no positive credit)."""
     return sum(repeated_call_turns(messages))
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the reward functions read from one finished run (computed once per rollout)."""
+
+    result: dict[str, Any]
+    evaluations: dict[str, dict[str, Any]]
+    metrics: RunMetrics
+    valid_share: float
+    over_budget: int
+    repeated_calls: int
+
+
+#: A named reward function: (name, its weight in R, the function of a run's facts).
+RewardFunction = tuple[str, float, Callable[[RunFacts], float]]
+
+
+def reward_functions(weights: RewardWeights) -> list[RewardFunction]:
+    """DESIGN §6's three rewards with their weights, in the order R sums them (TRL's ``reward_funcs``)."""
+
+    def task(facts: RunFacts) -> float:
+        return task_reward(facts.result, weights.mask_iou_weight)[0]
+
+    def reflection(facts: RunFacts) -> float:
+        return reflection_reward(facts.evaluations)
+
+    def behaviour(facts: RunFacts) -> float:
+        metrics = facts.metrics
+        checks = (facts.valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
+        return checks - (weights.over_budget_penalty * facts.over_budget
+                         + weights.repeated_call_penalty * facts.repeated_calls)
+
+    return [("task", weights.task, task), ("reflection", weights.reflection, reflection),
+            ("behaviour", weights.behaviour, behaviour)]
+
+
+def run_facts(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int) -> RunFacts:
+    """The facts of one finished run from the graph's output and its trajectory record."""
+    metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
+    messages = output.get("messages") or []
+    return RunFacts(result=output.get("result") or {}, evaluations=record.get("evaluations") or {}, metrics=metrics,
+                    valid_share=metrics.valid_turns / metrics.turns if metrics.turns else 0.0,
+                    over_budget=over_budget_calls(messages, metrics.status), repeated_calls=repeated_calls(messages))
 
 
 def score_rollout(output: dict[str, Any], record: dict[str, Any], *, max_steps: int, max_image_gens: int,
                   weights: RewardWeights) -> RewardBreakdown:
     """The reward of one finished run from the graph's output and its trajectory record (see module doc)."""
-    from evals.policy_eval import measure_run
-
-    result = output.get("result") or {}
-    metrics = measure_run(output, record, max_steps, max_image_gens, 0.0)
-    task, iou = task_reward(result, weights.mask_iou_weight)
-    evaluations = record.get("evaluations") or {}
-    reflection = reflection_reward(evaluations)
-    valid_share = metrics.valid_turns / metrics.turns if metrics.turns else 0.0
-    over = over_budget_calls(output.get("messages") or [], metrics.status)
-    repeats = repeated_calls(output.get("messages") or [])
-    behaviour = (valid_share + float(metrics.protocol) + float(metrics.masked_by_policy)) / 3.0
-    behaviour -= weights.over_budget_penalty * over + weights.repeated_call_penalty * repeats
-    total = weights.task * task + weights.reflection * reflection + weights.behaviour * behaviour
+    facts = run_facts(output, record, max_steps=max_steps, max_image_gens=max_image_gens)
+    components = {name: function(facts) for name, _, function in reward_functions(weights)}
+    total = sum(weight * components[name] for name, weight, _ in reward_functions(weights))
+    metrics = facts.metrics
     return RewardBreakdown(
-        total=total, task=task, reflection=reflection, behaviour=behaviour, score=metrics.score, mask_iou=iou,
-        valid_turns=valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
-        over_budget=over, repeated_calls=repeats, image_gens=int(result.get("image_gens") or 0), status=metrics.status,
+        total=total, task=components["task"], reflection=components["reflection"], behaviour=components["behaviour"],
+        score=metrics.score, mask_iou=task_reward(facts.result, weights.mask_iou_weight)[1],
+        valid_turns=facts.valid_share, protocol=metrics.protocol, masked_by_policy=metrics.masked_by_policy,
+        over_budget=facts.over_budget, repeated_calls=facts.repeated_calls,
+        image_gens=int(facts.result.get("image_gens") or 0), status=metrics.status,
     )

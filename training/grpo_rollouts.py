@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage
 
-from evals.policy_eval import Task, message_text, turns_accepted
-from training.grpo_rewards import RewardBreakdown, RewardWeights, repeated_call_turns, score_rollout
+from graph.protocol import message_text, repeated_call_turns, turns_accepted
+from graph.tasks import Task
+from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
 
 if TYPE_CHECKING:
-    from graph.policies.batched_generation import BatchScheduler
+    from graph.inference import BatchScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Turn:
     """One policy turn as generated: its prompt ids, the sampled ids, their sampling log-probabilities, and
-    whether the graph took it (`evals.policy_eval.turns_accepted`: a valid call not answered with an error)."""
+    whether the graph took it (`graph.protocol.turns_accepted`: a valid call not answered with an error)."""
 
     prompt_ids: list[int]
     token_ids: list[int]
@@ -175,7 +176,7 @@ def local_batcher(overrides: dict[str, Any]) -> BatchScheduler | None:
     """
     if overrides.get("policy") != "local":
         return None
-    from graph.policies.local_model import load_local_model
+    from graph.inference import load_local_model
 
     return load_local_model(overrides.get("model")).batcher
 
@@ -212,11 +213,9 @@ def reward_summary(groups: list[list[Rollout]]) -> dict[str, Any]:
 def top_thought_share(thoughts: list[str]) -> float:
     """The share of the policy's turns that wrote the most common thought (0 when there are none).
 
-    Why: a policy whose thoughts collapse to one phrase ("Image 2." in 107 of 200 turns, session 12) no
-    longer says in its context what it has done, and starts looping (mask_gen after mask_gen), while its
-    reward can still look normal for a few steps. Read back on the held-out runs of sessions 10-12 (24 runs
-    each): the SFT policy 0.178 ("Check whether image 2 is good."), the runs that rose 0.180-0.188, the
-    ones that fell or looped 0.237-0.535 ("Image 2 failed.", "Image 2 is good.", "Image 2.").
+    Why: a policy whose thoughts collapse to one phrase ("Image 2.") no longer says in its context what it
+    has done, and starts looping (mask_gen after mask_gen), while its reward can still look normal for a
+    few steps; this share rises well before the reward falls (figures in RESULTS.md).
     """
     if not thoughts:
         return 0.0

@@ -1,9 +1,8 @@
 """Keep the best policy of a GRPO run, judged on a validation set, instead of whatever the last step left.
 
-Why: on the CPU a run's held-out change is small next to its noise, and the runs that lost held-out
-reward went wrong late (session 14: pools 5 and 7 fell on their own training tasks in the second pass
-over them, while the runs whose gain held rose there). Stopping by hand on the held-out set would spend
-it; a third task set (its own sample seed, images disjoint from the training and held-out ones) scores
+Why: on the CPU a run's held-out change is small next to its noise, and a run that loses held-out
+reward can go wrong late, on its own training tasks' second pass. Stopping by hand on the held-out set
+would spend it; a third task set (its own sample seed, images disjoint from the training and held-out ones) scores
 the starting policy and the policy every `validate_every` steps on the same tasks and run seeds, and the
 run returns the best of them. The starting policy is a candidate too, so a run that only got worse
 returns what it started from rather than something worse. Ties go to the earlier policy: a change has to

@@ -3,7 +3,7 @@
 The trainer writes the trained tensors (HF names, as `save_pretrained` writes them) into a folder and
 asks the server to load them from there; the server and the trainer share a filesystem (same machine).
 
-* serve-policy: ``POST {root}/v1/load_weights {"path": FOLDER}`` (`graph.serve_policy`).
+* serve-policy: ``POST {root}/v1/load_weights {"path": FOLDER}`` (`graph.inference.server`).
 * vLLM: start the server with our worker extension and the dev endpoints, e.g.::
 
       VLLM_SERVER_DEV_MODE=1 vllm serve out/sft-model --served-model-name policy \\

@@ -16,12 +16,12 @@ import yaml
 T = TypeVar("T")
 
 
-def load_job_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any], *, required: tuple[str, ...],
-                  error: type[Exception], what: str) -> T:
-    """`cls(**fields)` from the YAML mapping at `path`, with the non-None `overrides` on top.
+def read_job_yaml(path: str | Path, overrides: dict[str, Any], *, required: tuple[str, ...], error: type[Exception],
+                  what: str) -> dict[str, Any]:
+    """The YAML mapping at `path` with the non-None `overrides` on top.
 
     Raises:
-        error: the file is missing or not a mapping, a key is unknown, or a required one is missing.
+        error: the file is missing, not valid YAML or not a mapping, or a required key is missing.
     """
     path = Path(path)
     if not path.is_file():
@@ -33,6 +33,20 @@ def load_job_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any], *, 
     if not isinstance(data, dict):
         raise error(f"{path} must hold a mapping of keys to values")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise error(f"{path} must set {', '.join(missing)}")
+    return data
+
+
+def load_job_yaml(cls: type[T], path: str | Path, overrides: dict[str, Any], *, required: tuple[str, ...],
+                  error: type[Exception], what: str) -> T:
+    """`cls(**fields)` from `read_job_yaml`, every key one of the dataclass's fields.
+
+    Raises:
+        error: the file is missing or not a mapping, a key is unknown, or a required one is missing.
+    """
+    data = read_job_yaml(path, overrides, required=(), error=error, what=what)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:

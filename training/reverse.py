@@ -7,15 +7,14 @@ staged trajectory has 1, 2 or 3 image_gen calls; the last one returns the real a
 earlier ones return degraded versions of it (moved off the object, blended toward the normal,
 enlarged, recoloured) whose reviews name what is wrong.
 
-How the messages stay identical to graph runs: nothing here writes a prompt, an observation or a
-thought. A run is driven by the graph's own pieces: `graph.nodes.start_run` writes the opening
-messages, the scripted expert (`ScriptedPolicy`) decides each turn (its refined instruction applies the
-review's ``Fixes:`` line and the retrieved knowledge, as in a graph run), and the real tools answer:
-PG (template backend), QE (`MetricJudge`, real scores on every image), KR, and MG (the real change
-mask of the accepted image, which is what the policy observes). Only image_gen is replayed: it returns
-the planned image, with the observation `graph.prompts.image_observation` writes. The outputs are
-written by `graph.trajectory.write_outputs`, so a record has the graph's fields, plus ``source:
-reverse`` and a ``reverse`` section (the plan, the real image, its ground-truth mask and MG's IoU with it).
+How the messages stay identical to graph runs: each trajectory is a run of the compiled graph with the
+scripted expert (its refined instruction applies the review's ``Fixes:`` line and the retrieved
+knowledge) and the real tools: PG (template backend), QE (`MetricJudge`, real scores on every image),
+KR, and MG (the real change mask of the accepted image, which is what the policy observes). Only
+image_gen's backend is replaced, through the toolbox (`graph.toolbox.tools_replaced`), by a
+`ReplayImageGenerator` that returns the planned images. A record therefore has the graph's fields, plus
+``source: reverse`` and a ``reverse`` section (the plan, the real image, its ground-truth mask and MG's
+IoU with it).
 
 A plan is kept only when the run went as staged: every degraded image failed QE, the real one passed,
 and the policy masked it. Otherwise the next PG seed or degradation order is tried.
@@ -39,6 +38,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools.dataset_layout import IMAGE_SUFFIXES
+from tools.types import BackendUnavailableError, GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +219,27 @@ DEGRADATIONS: dict[str, Degradation] = {
 # --------------------------------------------------------------------------------------------- driver
 
 
+class ReplayImageGenerator:
+    """An `ImageGenerator` that returns the planned images in order, whatever the instruction says.
+
+    Why: a reverse run is a real graph run in which only image_gen is staged; each result carries the
+    instruction's parsed spec and the planned region, as the procedural engine's would.
+    """
+
+    def __init__(self, replay: list[tuple[np.ndarray, np.ndarray, str]]) -> None:
+        self.pending = list(replay)
+
+    def generate(self, image: np.ndarray, request: GenerationRequest) -> GenerationResult:
+        """The next planned (image, region); BackendUnavailableError when none is left (the run then ends)."""
+        from tools.vocabulary import parse_instruction
+
+        if not self.pending:
+            raise BackendUnavailableError("the policy asked for more images than were planned")
+        edited, region, label = self.pending.pop(0)
+        return GenerationResult(image=edited, region=region, spec=parse_instruction(request.prompt),
+                                info={"area_fraction": round(float(region.mean()), 5), "reverse": label})
+
+
 def drive(
     *,
     normal_path: Path,
@@ -227,72 +248,35 @@ def drive(
     replay: list[tuple[np.ndarray, np.ndarray, str]],
     seed: int,
     run_dir: Path,
-    config: Any,
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    """Run the scripted expert with the real tools, image_gen replaying `replay` in order.
+    """Run the compiled graph (scripted expert, real tools) with image_gen replaying `replay` in order.
 
     Args:
         replay: (image, region, label) per image_gen call, the accepted real anomaly last.
+        overrides: The run's ``configurable`` (the policy is the scripted expert).
 
     Returns:
-        The final state (as a graph run would leave it), with ``result`` written by `write_outputs`.
+        The graph's output, with ``result`` written by the graph's finalize step.
+
+    Raises:
+        _Diverged: the run left planned images unused.
     """
-    from langchain_core.messages import ToolMessage
+    from graph.configuration import Configuration
+    from graph.graph import build_graph, recursion_limit
+    from graph.toolbox import tools_replaced
 
-    from graph import prompts
-    from graph.nodes import TOOL_RUNNERS, ToolFailure, choose_final, start_run
-    from graph.policies.scripted import ScriptedPolicy
-    from graph.tool_calls import ValidCall, validate_call
-    from graph.trajectory import write_outputs
-    from tools.image_store import ImageStore
-    from tools.vocabulary import parse_instruction
-
-    state: dict[str, Any] = {"image": str(normal_path), "category": category, "anomaly_type": anomaly_type,
-                             "seed": seed, "run_dir": str(run_dir)}
-    state.update(start_run(state, config))  # type: ignore[arg-type]
-    store = ImageStore(Path(state["run_dir"]))
-    policy = ScriptedPolicy()
-    pending = list(replay)
-    while state["steps"] < config.max_steps:
-        message = policy.decide(state, config)  # type: ignore[arg-type]
-        state["messages"].append(message)
-        if not message.tool_calls:
-            break
-        call = message.tool_calls[0]
-        checked = validate_call(call["name"], call.get("args"), call["id"])
-        if not isinstance(checked, ValidCall):
-            raise RuntimeError(f"the scripted policy made an invalid call: {checked.error}")
-        args = checked.args.model_dump()
-        if checked.name == "image_gen":
-            if not pending:
-                raise _Diverged("the policy asked for more images than were planned")
-            image, region, label = pending.pop(0)
-            number = len(state["images"]) + 1
-            info = {"area_fraction": round(float(region.mean()), 5), "reverse": label}
-            record = {"prompt": args["prompt"], "source": int(args["image"]), "image_id": store.put(image),
-                      "region_id": store.put_mask(region), "spec": parse_instruction(args["prompt"]).model_dump(),
-                      "info": info}
-            observation = prompts.image_observation(number, int(args["image"]), info)
-            update = {"images": {**state["images"], str(number): record["image_id"]},
-                      "generations": {**state["generations"], str(number): record},
-                      "image_gens": state["image_gens"] + 1, "prompt": args["prompt"]}
-        else:
-            try:
-                observation, update = TOOL_RUNNERS[checked.name](state, args, config)  # type: ignore[arg-type]
-            except ToolFailure as failure:
-                observation, update = prompts.error_observation(str(failure)), {}
-        state.update(update)
-        state["messages"].append(ToolMessage(content=observation, tool_call_id=call["id"], name=checked.name))
-        state["steps"] += 1
-        state["calls"] = [*state["calls"], checked.name]
-    if pending:
-        raise _Diverged(f"the run ended with {len(pending)} planned images unused")
-    chosen, status = choose_final(state, config)  # type: ignore[arg-type]
-    if chosen is None or str(chosen) not in state.get("masks", {}):
-        raise _Diverged("the policy did not mask an image")
-    state["status"] = status
-    state["result"] = write_outputs(state, config, chosen=chosen, status=status)  # type: ignore[arg-type]
-    return state
+    generator = ReplayImageGenerator(replay)
+    config = Configuration.load(overrides=overrides)
+    with tools_replaced(image=generator):
+        output = build_graph().invoke(
+            {"image": str(normal_path), "category": category, "anomaly_type": anomaly_type, "seed": seed,
+             "run_dir": str(run_dir)},
+            {"configurable": dict(overrides), "recursion_limit": recursion_limit(config)},
+        )
+    if generator.pending:
+        raise _Diverged(f"the run ended with {len(generator.pending)} planned images unused")
+    return output
 
 
 class _Diverged(RuntimeError):
@@ -321,7 +305,7 @@ def synthesize_one(
     *,
     out_dir: Path,
     seed: int,
-    config: Any,
+    overrides: dict[str, Any],
     max_tries: int = 6,
     size: int | None = None,
 ) -> dict[str, Any] | None:
@@ -364,23 +348,23 @@ def synthesize_one(
         run_dir = base / f"try{attempt}"
         run_seed = seed * 7 + attempt
         try:
-            state = drive(normal_path=normal_path, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
-                          replay=replay, seed=run_seed, run_dir=run_dir, config=config)
+            output = drive(normal_path=normal_path, category=anomaly.category, anomaly_type=anomaly.anomaly_type,
+                           replay=replay, seed=run_seed, run_dir=run_dir, overrides=overrides)
         except _Diverged as why:
             logger.info("%s: plan %s diverged: %s", stem, plan, why)
             shutil.rmtree(run_dir, ignore_errors=True)
             continue
-        evaluations = state.get("evaluations") or {}
+        result = output["result"]
+        record = json.loads(Path(result["trajectory_path"]).read_text())
+        evaluations = record.get("evaluations") or {}
         numbers = [str(n) for n in range(2, 2 + len(replay))]
         failed_first = all(not evaluations.get(n, {}).get("passed", True) for n in numbers[:-1])
-        accepted = state["result"].get("image") == int(numbers[-1]) and evaluations.get(numbers[-1], {}).get("passed")
-        if not (failed_first and accepted and state["status"] == "success"):
-            logger.info("%s: plan %s did not go as staged (%s)", stem, plan, state["calls"])
+        accepted = result.get("image") == int(numbers[-1]) and evaluations.get(numbers[-1], {}).get("passed")
+        if not (failed_first and accepted and output["status"] == "success"):
+            logger.info("%s: plan %s did not go as staged (%s)", stem, plan, record.get("calls"))
             shutil.rmtree(run_dir, ignore_errors=True)
             continue
-        result = state["result"]
         mg_mask = load_mask(result["mask_path"])
-        record = json.loads(Path(result["trajectory_path"]).read_text())
         record["source"] = "reverse"
         record["id"] = stem
         record["reverse"] = {
@@ -439,7 +423,8 @@ def reverse_synthesize(
     from graph.configuration import Configuration
     from tools.imaging import write_text_atomic
 
-    config = Configuration.load(overrides={**(overrides or {}), "policy": "scripted"})
+    overrides = {**(overrides or {}), "policy": "scripted"}
+    config = Configuration.load(overrides=overrides)
     if max(stages) > config.max_image_gens or min(stages) < 1:
         raise ReverseError(f"stages must be between 1 and max_image_gens ({config.max_image_gens}); got {stages}")
     anomalies = list_anomalies(Path(root), categories)
@@ -457,7 +442,7 @@ def reverse_synthesize(
     for index, anomaly in enumerate(iterator):
         for stage in stages:
             record = synthesize_one(anomaly, stage, out_dir=runs, seed=seed * 100_003 + index * 10 + stage,
-                                    config=config, size=size)
+                                    overrides=overrides, size=size)
             if record is None:
                 missed[stage] += 1
             else:

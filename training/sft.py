@@ -36,7 +36,7 @@ CURVE_FILE = "loss_curve.png"
 def resolve_model(path: str | None) -> Path:
     """The base model folder: `path`, or the converted SmolLM2 cache folder when None."""
     if path is None:
-        from graph.policies.smollm2 import ensure_smollm2
+        from graph.inference.smollm2 import ensure_smollm2
 
         return ensure_smollm2()
     folder = Path(path).expanduser()
@@ -113,7 +113,7 @@ def _decoder_layers(model: Any) -> Any:
 
 
 def _set_template(tokenizer: Any, choice: str) -> None:
-    from graph.policies.chat_template import template_supports_tools
+    from graph.inference.chat_template import template_supports_tools
     from training.chat_templates import TEMPLATES, has_generation_markers
 
     if choice in TEMPLATES:
@@ -128,64 +128,10 @@ def _set_template(tokenizer: Any, choice: str) -> None:
 
 
 def lean_trainer_class() -> type:
-    """TRL's SFTTrainer with a plain next-token loss on the assistant positions only.
-
-    Why: TRL's default loss runs a fused, tiled LM head that also computes entropy and top-1 flags per
-    token; on this 2-core CPU a step took 1.9x the time of the same forward and backward written
-    directly (12 vs 6.4 s per 1,000 tokens, SmolLM2 with 4 trained layers, measured). This loss keeps
-    everything else of SFTTrainer (tokenisation with the chat template and tools, assistant masks,
-    collation, logging): it runs the backbone, projects only the labelled positions through the LM head
-    and takes the cross-entropy, summed and divided by the batch's labelled-token count as TRL does.
-    Token accuracy is still logged; entropy is not.
-    """
-    import torch
-    from trl import SFTTrainer
-
-    class LeanLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-            if return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            labels = inputs["labels"][:, 1:]
-            backbone = getattr(model, model.base_model_prefix)
-            hidden = backbone(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                              use_cache=False).last_hidden_state[:, :-1]
-            keep = labels != -100
-            logits = model.get_output_embeddings()(hidden[keep]).float()
-            targets = labels[keep]
-            total = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-            count = keep.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = total / torch.as_tensor(count).clamp(min=1)
-            with torch.no_grad():
-                correct = (logits.argmax(-1) == targets).sum().item()
-            self._metrics[mode]["mean_token_accuracy"].append(correct / max(1, int(keep.sum())))
-            if mode == "train" and "attention_mask" in inputs:
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
-                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            return loss
+    """TRL's SFTTrainer with the lean assistant-only loss (`training.sft_trainer.LeanLossSFTTrainer`)."""
+    from training.sft_trainer import LeanLossSFTTrainer
 
     return LeanLossSFTTrainer
-
-
-class _TimeLimit:
-    """A transformers callback that stops training after `seconds` (the model so far is still saved)."""
-
-    def __init__(self, seconds: float) -> None:
-        from transformers import TrainerCallback
-
-        limit = seconds
-        started = time.perf_counter()
-        self.hit = False
-        outer = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                if time.perf_counter() - started > limit:
-                    outer.hit = True
-                    control.should_training_stop = True
-                return control
-
-        self.callback = Callback()
 
 
 def train_sft(config: SFTJobConfig, progress: bool = False) -> dict[str, Any]:
@@ -218,10 +164,10 @@ def train_sft(config: SFTJobConfig, progress: bool = False) -> dict[str, Any]:
     args = config.to_trl(use_cpu=not use_cuda)
     if progress:
         args.disable_tqdm = False
-    callbacks = []
-    limit = _TimeLimit(config.time_limit_s) if config.time_limit_s else None
-    if limit:
-        callbacks.append(limit.callback)
+    from training.sft_trainer import TimeLimitCallback
+
+    limit = TimeLimitCallback(config.time_limit_s) if config.time_limit_s else None
+    callbacks = [limit] if limit else []
     trainer_class = lean_trainer_class() if config.lean_loss else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])

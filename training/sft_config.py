@@ -35,7 +35,7 @@ class SFTJobConfig:
         train_embeddings: Also train the input embeddings / LM head (tied in SmolLM2).
         max_train_samples: Use only the first N trajectories (after shuffling with `seed`).
         lean_loss: Use `training.sft.lean_trainer_class`'s loss (labelled positions only, no entropy
-            metric; 1.9x faster on this CPU) instead of TRL's fused-head loss. Same value, same gradients.
+            metric; about twice as fast on a CPU) instead of TRL's fused-head loss. Same value, same gradients.
         time_limit_s: Stop after this many seconds of training and save what was learnt (the summary
             says the run was cut short).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.

@@ -7,11 +7,10 @@ from typing import Protocol
 from langchain_core.messages import AIMessage
 
 from graph.configuration import Configuration
+from graph.errors import PolicyError
 from graph.state import AgentState
 
-
-class PolicyError(RuntimeError):
-    """The policy could not produce a message (dead endpoint, model failed to load...)."""
+__all__ = ["Policy", "PolicyError"]
 
 
 class Policy(Protocol):

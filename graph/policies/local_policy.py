@@ -10,8 +10,9 @@ from __future__ import annotations
 from langchain_core.messages import AIMessage
 
 from graph.configuration import Configuration
-from graph.policies.chat import TOOL_CALL_CLOSE, chat_messages, parse_completion, tools_for_policy, turn_seed
-from graph.policies.local_model import LocalModel, load_local_model
+from graph.policies.chat import chat_messages, tools_for_policy, turn_seed
+from graph.inference.hermes import TOOL_CALL_CLOSE, parse_completion
+from graph.inference import LocalModel, load_local_model
 from graph.state import AgentState
 
 

@@ -16,7 +16,8 @@ from langchain_core.messages import AIMessage
 
 from graph.configuration import Configuration
 from graph.policies.base import PolicyError
-from graph.policies.chat import TOOL_CALL_CLOSE, chat_messages, parse_completion, tools_for_policy, turn_seed
+from graph.policies.chat import chat_messages, tools_for_policy, turn_seed
+from graph.inference.hermes import TOOL_CALL_CLOSE, parse_completion
 from graph.state import AgentState
 from tools.llm_client import ChatClient, LLMEndpointError
 

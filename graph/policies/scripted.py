@@ -18,14 +18,10 @@ from typing import Any
 from langchain_core.messages import AIMessage
 
 from graph.configuration import Configuration
+from graph.protocol import STEPS_FOR_KNOWLEDGE, best_image, retry_fits
 from graph.state import AgentState
 from tools.types import KnowledgeEntry
 from tools.vocabulary import Fix, apply_fixes, parse_instruction, render_instruction
-
-# Steps each continuation needs before the final mask: image_gen + quality_eval + mask_gen, and one
-# more for knowledge_retrieval first.
-_STEPS_FOR_RETRY = 3
-_STEPS_FOR_KNOWLEDGE = 4
 
 
 class ScriptedPolicy:
@@ -34,7 +30,6 @@ class ScriptedPolicy:
     def decide(self, state: AgentState, config: Configuration) -> AIMessage:
         calls = state.get("calls", [])
         steps_left = config.max_steps - state.get("steps", 0)
-        gens_left = config.max_image_gens - state.get("image_gens", 0)
         latest = _latest_image(state)
         last = calls[-1] if calls else None
 
@@ -62,7 +57,7 @@ class ScriptedPolicy:
             return _call("prompt_gen", {}, len(calls), "Write a fresh instruction.")
         if evaluation["passed"]:
             return _call("mask_gen", {"image": latest}, len(calls), f"Image {latest} passed; make its mask.")
-        if gens_left <= 0 or steps_left < _STEPS_FOR_RETRY:
+        if not retry_fits(state.get("steps", 0), state.get("image_gens", 0), config.max_steps, config.max_image_gens):
             best = _best_image(state)
             return _call(
                 "mask_gen",
@@ -70,7 +65,7 @@ class ScriptedPolicy:
                 len(calls),
                 f"Image {latest} failed and the budget is spent; mask image {best}, the best scored.",
             )
-        if "knowledge_retrieval" not in calls and steps_left >= _STEPS_FOR_KNOWLEDGE:
+        if "knowledge_retrieval" not in calls and steps_left >= STEPS_FOR_KNOWLEDGE:
             return _call(
                 "knowledge_retrieval",
                 {"query": f"{state['anomaly_type']} on {state['category']}"},
@@ -109,11 +104,8 @@ def _latest_image(state: AgentState) -> int | None:
 
 
 def _best_image(state: AgentState) -> int:
-    evaluations = state.get("evaluations") or {}
-    if evaluations:
-        return int(max(evaluations, key=lambda k: (evaluations[k]["location"] + evaluations[k]["quality"], int(k))))
-    latest = _latest_image(state)
-    return latest if latest is not None else 1
+    best = best_image(state.get("evaluations") or {}, map(int, state.get("generations") or {}))
+    return best if best is not None else 1
 
 
 def _short_review(evaluation: dict[str, Any]) -> str:

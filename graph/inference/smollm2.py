@@ -8,7 +8,7 @@ The package itself is never imported (its ``__init__`` pulls in the `llm` CLI, w
 only its folder is located.
 
 Its own chat template ignores tools, so the converted tokenizer gets our Hermes ChatML template (see
-`graph.policies.chat_template`), which SFT then uses too.
+`graph.inference.chat_template`), which SFT then uses too.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from graph.policies.base import PolicyError
-from graph.policies.chat_template import HERMES_CHATML_TEMPLATE, template_supports_tools
+from graph.errors import PolicyError
+from graph.inference.chat_template import HERMES_CHATML_TEMPLATE, template_supports_tools
 
 logger = logging.getLogger(__name__)
 

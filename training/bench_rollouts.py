@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if local is None:
         raise SystemExit("bench rollouts needs rollout_backend local")
     train, _ = make_task_sets(config, Path(args.out) / "tasks")
-    tasks = train[: config.tasks_per_step]
+    tasks = train[: config.tasks.tasks_per_step]
     rows, tokens_by_mode = [], {}
     for mode in modes:
         local.enable_batching(mode == "batched")
         local.enable_prefix_cache(config.prefix_cache)  # every mode starts from an empty cache
         started = time.perf_counter()
         groups = run_groups(tasks, config.num_generations, config.graph_overrides(), Path(args.out) / mode,
-                            config.weights, workers=config.workers, progress=True, desc=mode)
+                            config.rewards, workers=config.workers, progress=True, desc=mode)
         seconds = time.perf_counter() - started
         rollouts = [r for g in groups for r in g]
         tokens_by_mode[mode] = [[t.token_ids for t in r.turns] for r in rollouts]

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     train, _ = make_task_sets(config, Path(args.out) / "tasks")
     groups = []
     for index in range(args.rounds):
-        tasks = [train[(index * config.tasks_per_step + j) % len(train)] for j in range(config.tasks_per_step)]
+        tasks = [train[(index * config.tasks.tasks_per_step + j) % len(train)] for j in range(config.tasks.tasks_per_step)]
         groups += run_groups(tasks, config.num_generations, config.graph_overrides(), Path(args.out) / f"round{index}",
-                             config.weights, workers=config.workers)
-    sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.rejected_turn_advantage)
+                             config.rewards, workers=config.workers)
+    sequences, dropped = rollout_sequences(groups, config.scale_rewards, config.credit.rejected_turn_advantage)
     tokens = sum(len(s.positions) for s in sequences)
     print(f"{sum(len(g) for g in groups)} rollouts, {len(groups) - dropped} groups with spread, {tokens} policy tokens")
     if not sequences:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, rank, rate in settings:
         trained = copy.deepcopy(base)
-        setting = dataclasses.replace(config, lora_r=rank, learning_rate=rate)
+        setting = dataclasses.replace(config, lora=dataclasses.replace(config.lora, r=rank), learning_rate=rate)
         if rank:
             add_lora(trained, setting)
         else:

@@ -8,7 +8,7 @@ Qwen2.5's template: tools in the system prompt inside ``<tools></tools>``, calls
 ``<tool_call>{json}</tool_call>``, tool results as a user turn of ``<tool_response>`` blocks. The
 ``{% generation %}`` markers let TRL compute an assistant-only loss mask.
 
-`graph.policies.local_model.render_without_tool_template` produces the same text in Python for any
+`graph.inference.model.render_without_tool_template` produces the same text in Python for any
 other model whose template ignores tools (tests check that the two agree).
 """
 

@@ -2,7 +2,7 @@
 
 Why its own module: GRPO's G rollout threads each ask the one CPU model for a reply at about the same
 time; decoding them together costs about what one row costs (decoding is memory-bound), where one at a
-time under the model's lock costs G times as much. The single-row path (`LocalModel._generate_one`,
+time under the model's lock costs G times as much. The single-row path (`LocalModel.generate` without batching,
 used by serve-policy and the `local` policy) stays as it was.
 """
 
@@ -13,34 +13,32 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from graph.policies.local_model import Generation, LocalModel
+from graph.inference.prefix_cache import PrefixCache
+from graph.inference.types import DecodeRequest, Generation
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class DecodeRequest:
-    """One row of a batched generation: a rendered prompt and how to sample its reply.
+class DecodingModel(Protocol):
+    """What batched decoding uses of the engine (`graph.inference.model.DecodingModel`)."""
 
-    `seed` seeds this row's own sampler, so a row's tokens do not depend on which rows share its batch.
-    """
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    lock: threading.Lock
+    prefix_cache: PrefixCache
 
-    prompt: list[int]
-    max_new_tokens: int
-    temperature: float = 0.0
-    stop: list[str] | None = None
-    seed: int | None = None
-    logprobs: bool = False
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
-    result: Generation | None = None
-    error: BaseException | None = None
+    @property
+    def pad_id(self) -> int: ...
+
+    def decode_reply(self, ids: list[int], prompt: list[int], stop: list[str] | None, limit: int) -> Generation: ...
+
+    def add_logprobs(self, result: Generation, values: list[float]) -> None: ...
 
 
-def decode_batch(model: LocalModel, requests: list[DecodeRequest]) -> list[Generation]:
+def decode_batch(model: DecodingModel, requests: list[DecodeRequest]) -> list[Generation]:
     """Decode every request's reply together: one left-padded forward pass per token for all rows.
 
     Each row stops on its own (end of turn, a stop string, its token limit) and samples with its own
@@ -64,13 +62,12 @@ class RunningBatch:
 
     Why: an agent's turns differ in length (a 20-token mask_gen call, a 70-token image_gen instruction).
     Kept until the longest row stopped, a finished row would cost a padded row per step, and its rollout
-    would wait to run its tool. Why new turns do not join rows already decoding (continuous batching):
-    measured here, it was slower (81.5 s vs 66.5 s for the same round, README): on a CPU a decoding step
-    costs nearly as much for 1 row as for 8, so rows that start together share the most steps, and every
+    would wait to run its tool. Why new turns do not join rows already decoding (continuous batching): it
+    was slower for the same round (RESULTS.md): on a CPU a decoding step costs nearly as much for 1 row as for 8, so rows that start together share the most steps, and every
     join pays a prefill and a copy of the batch's cache. Call under the model's lock and `torch.inference_mode`.
     """
 
-    def __init__(self, model: LocalModel) -> None:
+    def __init__(self, model: DecodingModel) -> None:
         self.model = model
         self.batch: _Batch | None = None
         self.rows: list[_Row] = []
@@ -79,7 +76,7 @@ class RunningBatch:
         """Read the requests' prompts (continuing their cached prefixes) as the rows of a new batch."""
         assert self.batch is None, "rows join only an idle batch"
         model = self.model
-        caches = [model._take_prefix(r.prompt) if model.prefix_cache_size else None for r in requests]
+        caches = [model.prefix_cache.take(r.prompt) if model.prefix_cache.size else None for r in requests]
         self.batch = _Batch.prefill(model, [r.prompt for r in requests], caches)
         self.rows = [_Row(r, model) for r in requests]
 
@@ -92,9 +89,9 @@ class RunningBatch:
         finished = []
         for index, row in enumerate(self.rows):
             if row.finished:
-                if self.model.prefix_cache_size:
+                if self.model.prefix_cache.size:
                     fed = len(row.request.prompt) + len(row.ids) - 1  # the last sampled token was never fed
-                    self.model._keep_prefix(row.request.prompt + row.ids, self.batch.row_cache(index, fed))
+                    self.model.prefix_cache.keep(row.request.prompt + row.ids, self.batch.row_cache(index, fed))
                 finished.append((row.request, row.generation()))
         if finished:
             keep = [i for i, row in enumerate(self.rows) if not row.finished]
@@ -108,7 +105,7 @@ class RunningBatch:
 class _Row:
     """One request's state during batched decoding: its sampler, sampled ids and logprobs, whether it stopped."""
 
-    def __init__(self, request: DecodeRequest, model: LocalModel) -> None:
+    def __init__(self, request: DecodeRequest, model: DecodingModel) -> None:
         import torch
 
         self.request, self.model = request, model
@@ -140,9 +137,9 @@ class _Row:
         return any(word in text for word in self.request.stop)
 
     def generation(self) -> Generation:
-        result = self.model._decode(self.ids, self.request.prompt, self.request.stop, self.request.max_new_tokens)
+        result = self.model.decode_reply(self.ids, self.request.prompt, self.request.stop, self.request.max_new_tokens)
         if self.request.logprobs:
-            self.model._add_logprobs(result, self.logprobs)
+            self.model.add_logprobs(result, self.logprobs)
         return result
 
 
@@ -153,12 +150,12 @@ class _Batch:
     only real tokens, so each row sees exactly the positions it would see alone.
     """
 
-    def __init__(self, model: LocalModel, past: Any, mask: Any, positions: Any, logits: Any, starts: list[int]) -> None:
+    def __init__(self, model: DecodingModel, past: Any, mask: Any, positions: Any, logits: Any, starts: list[int]) -> None:
         self.model, self.past, self.mask, self.positions, self.logits = model, past, mask, positions, logits
         self.starts = starts  # where each row's first real token sits in the cache
 
     @classmethod
-    def prefill(cls, model: LocalModel, prompts: list[list[int]], caches: list[Any]) -> _Batch:
+    def prefill(cls, model: DecodingModel, prompts: list[list[int]], caches: list[Any]) -> _Batch:
         """Read every prompt, continuing each row's cached prefix (None: from scratch), in one forward pass.
 
         Every row feeds the same number of trailing tokens (the longest unread part); a row whose cache
@@ -246,7 +243,7 @@ class BatchScheduler:
     requests that arrive meanwhile start the next wave when the running rows have all stopped.
     """
 
-    def __init__(self, model: LocalModel, wait_s: float = 1.0) -> None:
+    def __init__(self, model: DecodingModel, wait_s: float = 1.0) -> None:
         self.model, self.wait_s = model, wait_s
         self._cond = threading.Condition()
         self._pending: list[DecodeRequest] = []
@@ -330,10 +327,10 @@ class BatchScheduler:
             self.batch_sizes.append(len(wave))
             running = RunningBatch(self.model)
             try:
-                with self.model._lock, torch.inference_mode():
+                with self.model.lock, torch.inference_mode():
                     running.start(wave)
                 while running.rows:
-                    with self.model._lock, torch.inference_mode():
+                    with self.model.lock, torch.inference_mode():
                         finished = running.advance()
                     for request, generation in finished:  # its rollout goes on to its tool now
                         request.result = generation

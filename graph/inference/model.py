@@ -7,7 +7,7 @@ policy than the one trained and run locally. Both call `LocalModel.generate`.
 Models are cached per resolved path (loading SmolLM2 takes seconds; a run asks the policy ~10 times).
 Generation holds a lock: one model, one generation at a time (the server's threads queue on it).
 GRPO's rollout threads instead share one `BatchScheduler` (`LocalModel.enable_batching`, in
-`batched_generation.py`): their requests are decoded together, one batched forward pass per token.
+`graph.inference.batching`): their requests are decoded together, one batched forward pass per token.
 """
 
 from __future__ import annotations
@@ -15,46 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graph.policies.base import PolicyError
-from graph.policies.chat import flatten_content, hermes_system_block, render_tool_call
-from graph.policies.chat_template import template_supports_tools
+from graph.inference.prefix_cache import PrefixCache
+from graph.inference.types import DecodeRequest, Generation, GenerationCancelled
+from graph.errors import PolicyError
+from graph.inference.hermes import flatten_content, hermes_system_block, render_tool_call
+from graph.inference.chat_template import template_supports_tools
 
 if TYPE_CHECKING:
-    from graph.policies.batched_generation import BatchScheduler, DecodeRequest
+    from graph.inference.batching import BatchScheduler
 
 logger = logging.getLogger(__name__)
-
-
-class GenerationCancelled(RuntimeError):
-    """Generation stopped because its `cancel` event was set."""
-
-
-@dataclass
-class Generation:
-    """One generated reply.
-
-    Attributes:
-        text: The decoded reply, without the end-of-turn token and without a matched stop string.
-        token_ids: Every generated token id, as sampled (including a stop string's tokens and the
-            end-of-turn token), so training can use exactly what the policy produced.
-        logprobs: Per generated token, its log-probability under the model's raw distribution
-            (temperature 1, no top-k/top-p), as vLLM reports by default. Empty unless asked for.
-        tokens: Per generated token, its decoded text (for OpenAI-style logprobs).
-        prompt_token_ids: The rendered prompt's ids.
-        finish_reason: "stop" (end of turn or a stop string) or "length" (hit max_new_tokens).
-    """
-
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str
-    logprobs: list[float] = field(default_factory=list)
-    tokens: list[str] = field(default_factory=list)
 
 
 class LocalModel:
@@ -66,10 +40,10 @@ class LocalModel:
         self.model = model
         self.supports_tools = template_supports_tools(getattr(tokenizer, "chat_template", None))
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        self._lock = threading.Lock()
-        #: Conversations kept for prefix reuse (0: off); see `enable_prefix_cache`.
-        self.prefix_cache_size = 0
-        self._prefixes: list[tuple[list[int], Any]] = []
+        #: Held while the model runs: one forward pass at a time (batched decoding holds it per step).
+        self.lock = threading.Lock()
+        #: Conversations kept for prefix reuse (size 0: off); see `enable_prefix_cache`.
+        self.prefix_cache = PrefixCache()
         self.batcher: BatchScheduler | None = None
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -83,18 +57,24 @@ class LocalModel:
     def name(self) -> str:
         return self.path.name
 
-    def enable_prefix_cache(self, conversations: int) -> None:
-        """Reuse the attention cache of earlier turns of the same conversation (0 turns it off).
+    @property
+    def prefix_cache_size(self) -> int:
+        """How many conversations the prefix cache keeps (0: off)."""
+        return self.prefix_cache.size
 
-        Why: an agent turn's prompt is the previous turn's prompt plus its reply and a tool result, so
-        without reuse every turn re-reads the whole run; on a CPU that prefill is most of a turn's time.
-        The last `conversations` caches are kept (about 46 KB per token for SmolLM2-135M), and a new
-        prompt continues the one sharing its longest prefix. Off by default: results equal a full
-        prefill only up to float rounding, and GRPO rollouts (which turn it on) want speed over that.
+    def enable_prefix_cache(self, conversations: int) -> None:
+        """Reuse the attention cache of earlier turns of the same conversation (0 turns it off; `PrefixCache`).
+
+        Off by default: results equal a full prefill only up to float rounding, and GRPO rollouts (which
+        turn it on) want speed over that.
         """
-        with self._lock:
-            self.prefix_cache_size = max(0, int(conversations))
-            self._prefixes = []
+        with self.lock:
+            self.prefix_cache.resize(conversations)
+
+    def clear_prefix_cache(self) -> None:
+        """Drop the kept conversations: their attention keys belong to the weights before an update."""
+        with self.lock:
+            self.prefix_cache.clear()
 
     def enable_batching(self, on: bool = True, wait_s: float = 1.0) -> None:
         """Send `generate` calls (without `cancel`) through a `BatchScheduler` (False: back to one at a time).
@@ -102,7 +82,7 @@ class LocalModel:
         Why: GRPO's G rollout threads each need a reply at about the same time; decoding them as one
         batch runs one forward pass per token for all of them instead of one per thread under the lock.
         """
-        from graph.policies.batched_generation import BatchScheduler
+        from graph.inference.batching import BatchScheduler
 
         if self.batcher is not None:
             self.batcher.close()
@@ -129,33 +109,10 @@ class LocalModel:
         unknown = sorted(set(state) - set(own))
         if unknown:
             raise PolicyError(f"{folder} holds tensors the model does not have: {', '.join(unknown[:3])}")
-        with self._lock:
+        with self.lock:
             self.model.load_state_dict(state, strict=False)
-            self._prefixes = []
+            self.prefix_cache.clear()
         return len(state)
-
-    def _take_prefix(self, prompt: list[int]) -> Any:
-        """The cached conversation sharing the longest prefix with `prompt`, cropped to it (None: none)."""
-        best, best_len = -1, 0
-        for index, (ids, _) in enumerate(self._prefixes):
-            n = 0
-            limit = min(len(ids), len(prompt) - 1)  # at least one prompt token must be fed
-            while n < limit and ids[n] == prompt[n]:
-                n += 1
-            if n > best_len:
-                best, best_len = index, n
-        if best < 0 or best_len < 16:
-            return None
-        _, cache = self._prefixes.pop(best)
-        extra = int(cache.get_seq_length()) - best_len
-        if extra:
-            cache.crop(-extra)  # transformers 5: a negative count removes that many tokens from the end
-        return cache
-
-    def _keep_prefix(self, ids: list[int], cache: Any) -> None:
-        length = int(cache.get_seq_length())
-        self._prefixes.append((ids[:length], cache))
-        del self._prefixes[: -self.prefix_cache_size]
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         """The prompt ids for `messages` (OpenAI format) and `tools`, ending with the assistant's turn."""
@@ -198,8 +155,6 @@ class LocalModel:
         prompt = self.render(messages, tools)
         max_new_tokens = self._fit_context(prompt, max_new_tokens)
         if self.batcher is not None and cancel is None:
-            from graph.policies.batched_generation import DecodeRequest
-
             return self.batcher.submit(DecodeRequest(prompt, max_new_tokens, float(temperature), stop, seed, logprobs))
         return self._generate_one(prompt, temperature, max_new_tokens, stop, seed, logprobs, cancel)
 
@@ -241,44 +196,46 @@ class LocalModel:
 
             options["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
         input_ids = torch.tensor([prompt], dtype=torch.long)
-        with self._lock, torch.inference_mode():
+        with self.lock, torch.inference_mode():
             if cancel is not None and cancel.is_set():
                 raise GenerationCancelled("the request was cancelled before generation started")
             if seed is not None:
                 torch.manual_seed(int(seed))
-            if self.prefix_cache_size:
-                past = self._take_prefix(prompt)
+            if self.prefix_cache.size:
+                past = self.prefix_cache.take(prompt)
                 if past is not None:
                     options["past_key_values"] = past
             output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
-            if self.prefix_cache_size and getattr(output, "past_key_values", None) is not None:
-                self._keep_prefix([int(i) for i in output.sequences[0].tolist()], output.past_key_values)
+            if self.prefix_cache.size and getattr(output, "past_key_values", None) is not None:
+                self.prefix_cache.keep([int(i) for i in output.sequences[0].tolist()], output.past_key_values)
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled("the request was cancelled during generation")
         new_ids = [int(i) for i in output.sequences[0, len(prompt):].tolist()]
-        result = self._decode(new_ids, prompt, stop, max_new_tokens)
+        result = self.decode_reply(new_ids, prompt, stop, max_new_tokens)
         if logprobs:
             steps = torch.stack([step[0] for step in output.logits[: len(new_ids)]]).float()
             chosen = torch.log_softmax(steps, dim=-1).gather(1, torch.tensor(new_ids).unsqueeze(1)).squeeze(1)
-            self._add_logprobs(result, [float(v) for v in chosen.tolist()])
+            self.add_logprobs(result, [float(v) for v in chosen.tolist()])
         return result
 
-    def _add_logprobs(self, result: Generation, values: list[float]) -> None:
+    def add_logprobs(self, result: Generation, values: list[float]) -> None:
+        """Set the reply's per-token logprobs and the decoded text of each of its tokens."""
         result.logprobs = values
         result.tokens = [self.tokenizer.decode([i], skip_special_tokens=False) for i in result.token_ids]
 
     def generate_batch(self, requests: list[DecodeRequest]) -> list[Generation]:
-        """Decode every request's reply together (see `graph.policies.batched_generation.decode_batch`)."""
-        from graph.policies.batched_generation import decode_batch
+        """Decode every request's reply together (see `graph.inference.batching.decode_batch`)."""
+        from graph.inference.batching import decode_batch
 
-        with self._lock:
+        with self.lock:
             return decode_batch(self, requests)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def _decode(self, ids: list[int], prompt: list[int], stop: list[str] | None, limit: int) -> Generation:
+    def decode_reply(self, ids: list[int], prompt: list[int], stop: list[str] | None, limit: int) -> Generation:
+        """The reply of the sampled `ids`: text cut at the end of turn or a stop string, and why it finished."""
         # Keep special tokens: a tokenizer with <tool_call> as a special token would lose it otherwise.
         body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
         text = self.tokenizer.decode(body, skip_special_tokens=False)
@@ -304,7 +261,7 @@ def render_without_tool_template(messages: list[dict[str, Any]], tools: list[dic
         out.append({"role": "system", "content": f"{messages[0]['content']}\n\n{block}"})
         messages = messages[1:]
     else:
-        from graph.policies.chat_template import DEFAULT_SYSTEM
+        from graph.inference.chat_template import DEFAULT_SYSTEM
 
         out.append({"role": "system", "content": f"{DEFAULT_SYSTEM}\n\n{block}"})
     for message in messages:
@@ -352,7 +309,7 @@ def load_local_model(path: str | Path | None) -> LocalModel:
         PolicyError: the folder does not exist or does not hold a causal LM and its tokenizer.
     """
     if path is None:
-        from graph.policies.smollm2 import ensure_smollm2
+        from graph.inference.smollm2 import ensure_smollm2
 
         path = ensure_smollm2()
     with _LOAD_LOCK:  # concurrent first loads would race in transformers' lazy imports and weight init

@@ -2,7 +2,7 @@
 
 Why: vLLM does not run on a CPU machine, yet the `openai` policy, GRPO rollouts and tests need a real
 endpoint. This serves one model folder (default: SmolLM2-135M-Instruct) with the same generation code
-as the in-process `local` policy (`graph.policies.local_model`).
+as the in-process `local` policy (`graph.inference.model`).
 
 Endpoints:
     GET  /v1/models             the one served model
@@ -49,9 +49,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from graph.policies.base import PolicyError
-from graph.policies.chat import parse_completion
-from graph.policies.local_model import Generation, GenerationCancelled, LocalModel
+from graph.errors import PolicyError
+from graph.inference.hermes import parse_completion
+from graph.inference.model import LocalModel
+from graph.inference.types import Generation, GenerationCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def serve(model_path: str | None, host: str = "127.0.0.1", port: int = 8000, ser
     """Load the model (failing fast with a clear error), then serve until interrupted."""
     import uvicorn
 
-    from graph.policies.local_model import load_local_model
+    from graph.inference.model import load_local_model
 
     model = load_local_model(model_path)
     app = create_app(model, served_name, default_max_tokens=max_tokens)
