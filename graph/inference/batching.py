@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 class DecodingModel(Protocol):
-    """What batched decoding uses of the engine (`graph.inference.model.DecodingModel`)."""
+    """What batched decoding uses of the engine; `graph.inference.model.LocalModel` provides it."""
 
     model: Any
     tokenizer: Any
