@@ -20,8 +20,9 @@ import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from graph.configuration import Configuration
 from graph.nodes import INFRASTRUCTURE_STATUSES
@@ -54,6 +55,11 @@ class Sample:
     work_dir: str
     anomaly_out: str
     mask_out: str
+
+
+#: Runs planned samples with `run_sample` and yields their rows as they finish:
+#: ``execute(todo, overrides, progress=..., total=..., initial=...)`` (total and initial size the progress bar).
+Executor = Callable[..., Iterable[dict[str, Any]]]
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -193,8 +199,13 @@ def run_batch(
     workers: int = 1,
     resume: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run every sample not yet done, then write trajectories.jsonl, summary.json and contact_sheet.png.
+
+    Args:
+        executor: Runs the samples still to do and yields their rows (default: this machine's process
+            pool of `workers`); `graph.batch_ray.RayExecutor` runs them on a Ray cluster.
 
     Returns:
         The summary of every finished sample under `root` (also written to root/summary.json).
@@ -213,7 +224,8 @@ def run_batch(
     todo = [s for s in samples if s.index not in done]
     logger.info("%d samples planned, %d already done, %d to run", len(samples), len(done), len(todo))
     started = time.perf_counter()
-    for _ in _execute(todo, overrides, workers, progress, total=len(samples), initial=len(done)):
+    execute = executor or partial(_execute, workers=workers)
+    for _ in execute(todo, overrides, progress=progress, total=len(samples), initial=len(done)):
         pass
     summary = summarise(all_done_rows(root), seconds=time.perf_counter() - started)
     _write_joint_files(all_done_rows(root), root, summary)
@@ -235,7 +247,7 @@ def all_done_rows(root: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["category"], r["anomaly_type"], r["number"]))
 
 
-def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progress: bool, total: int, initial: int) -> Iterator[dict[str, Any]]:
+def _execute(todo: list[Sample], overrides: dict[str, Any], *, workers: int, progress: bool, total: int, initial: int) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, desc="samples", unit="sample", disable=not progress)

@@ -124,10 +124,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     _check_policy(Configuration.load(overrides=_overrides(args)))
     samples = plan(list_images(Path(args.input)), category, types, args.per_image, root, args.seed)
-    summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers, resume=args.resume)
+    summary = run_batch(samples, root, overrides=_overrides(args), workers=args.workers or 1, resume=args.resume,
+                        executor=_ray_executor(args, root))
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
     print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png", file=sys.stderr)
     return 0
+
+
+def _ray_executor(args: argparse.Namespace, root: Path) -> Any:
+    """The Ray executor `batch --ray` asks for, or None for the process pool."""
+    if args.ray is None:
+        return None
+    from graph.batch_ray import RayExecutor, RaySettings
+
+    settings = RaySettings(address=None if args.ray == "local" else args.ray, node_ip=args.ray_node_ip, workers=args.workers,
+                           cpus_per_worker=args.ray_cpus, gpus_per_worker=args.ray_gpus, retries=args.ray_retries)
+    return RayExecutor(settings, root)
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -233,8 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anomaly-types", required=True, help="comma-separated")
     p.add_argument("--per-image", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, help="processes (default 1), or Ray workers (default: as many as the cluster holds)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted batch in the same --out")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: alone, a local instance; auto, HOST:PORT or ray://HOST:PORT joins a cluster "
+                        "(--out must be a folder every node sees)")
+    p.add_argument("--ray-node-ip", dest="ray_node_ip", help="this driver's node address (e.g. 127.0.0.2); default: Ray's choice")
+    p.add_argument("--ray-cpus", dest="ray_cpus", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
+    p.add_argument("--ray-gpus", dest="ray_gpus", type=float,
+                   help="GPUs per Ray worker (default: 1 when a model backend runs on a GPU and the cluster has one)")
+    p.add_argument("--ray-retries", dest="ray_retries", type=int, default=3,
+                   help="restarts of a lost Ray worker, and retries of its sample (default 3)")
     run_options(p)
     p.set_defaults(func=cmd_batch)
 

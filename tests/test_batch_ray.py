@@ -1,0 +1,179 @@
+"""`batch --ray` on a real two-node Ray cluster: the process pool's files byte for byte, a lost node or a
+SIGKILLed driver costs nothing, and bad clusters or roots fail with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from graph.batch_ray import probe_root, worker_room  # noqa: E402
+from ray_cluster import HEAD_IP, LocalRayCluster, free_port, session_pids  # noqa: E402
+
+CATEGORY, TYPES, PER_IMAGE = "tile", "crack,oil", 2
+SAMPLES = 2 * 2 * PER_IMAGE  # two sample images per category
+#: Fields that time the run rather than describe its result.
+TIMING_FIELDS = {"seconds", "created", "timings", "wall_seconds_this_run", "seconds_per_sample_median"}
+
+
+def _batch(sample_dir: Path, root: Path, *extra: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("anomaly-agent")), "-v", "batch", "--input", str(sample_dir / CATEGORY),
+            "--category", CATEGORY, "--anomaly-types", TYPES, "--per-image", str(PER_IMAGE), "--out", str(root),
+            "--seed", "3", *extra]
+
+
+def _ray_batch(cluster: LocalRayCluster, sample_dir: Path, root: Path, *extra: str) -> list[str]:
+    return _batch(sample_dir, root, "--ray", cluster.address, "--ray-node-ip", HEAD_IP, "--workers", "2", *extra)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = LocalRayCluster(cpus=2).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def pool_root(sample_dir, tmp_path_factory):
+    """The same batch through the process pool (one torch thread per worker, as each Ray worker has)."""
+    root = tmp_path_factory.mktemp("pool") / "out"
+    done = subprocess.run(_batch(sample_dir, root, "--workers", "2"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def _comparable(value, root: Path):
+    """`value` with timing fields dropped and the root's path replaced by a placeholder."""
+    if isinstance(value, dict):
+        return {k: _comparable(v, root) for k, v in value.items() if k not in TIMING_FIELDS}
+    if isinstance(value, list):
+        return [_comparable(v, root) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(root), "<root>")
+    return value
+
+
+def assert_same_batch(ray_root: Path, pool_root: Path) -> None:
+    """Every image, mask and stored artefact byte-identical; records identical but for timings and the root's path."""
+    def files(root: Path, pattern: str) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob(pattern)) if p.is_file()}
+
+    for pattern in (f"{CATEGORY}/**/*.png", ".work/*/*/*/images/*", ".work/*/*/*/*.png", "contact_sheet.png"):
+        ours, theirs = files(ray_root, pattern), files(pool_root, pattern)
+        assert ours.keys() == theirs.keys() and ours, pattern
+        assert [k for k in ours if ours[k] != theirs[k]] == [], f"{pattern}: files differ"
+    assert len(files(ray_root, f"{CATEGORY}/test/*/*.png")) == SAMPLES
+    for pattern in (".work/*/*/*/done.json", ".work/*/*/*/trajectory.json", "summary.json"):
+        ours, theirs = files(ray_root, pattern), files(pool_root, pattern)
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert _comparable(json.loads(ours[key]), ray_root) == _comparable(json.loads(theirs[key]), pool_root), key
+    lines = [(ray_root / "trajectories.jsonl").read_text().splitlines(), (pool_root / "trajectories.jsonl").read_text().splitlines()]
+    assert len(lines[0]) == SAMPLES
+    assert [_comparable(json.loads(x), ray_root) for x in lines[0]] == [_comparable(json.loads(x), pool_root) for x in lines[1]]
+    keys = [(r["anomaly_type"], r["sample"]["number"]) for r in map(json.loads, lines[0])]
+    assert len(set(keys)) == SAMPLES, "a sample appears twice"
+    assert not list(ray_root.rglob("*.tmp")), "temporary files left behind"
+
+
+def open_checkpoints(sessions: list[int]) -> set[Path]:
+    """Sample work folders whose checkpoint file a process of these nodes holds open (a sample in progress)."""
+    folders = set()
+    for sid in sessions:
+        for pid in session_pids(sid):
+            for fd in Path(f"/proc/{pid}/fd").glob("*"):
+                try:
+                    target = Path(os.readlink(fd))
+                except OSError:
+                    continue
+                if target.name == "checkpoints.sqlite":
+                    folders.add(target.parent)
+    return folders
+
+
+@pytest.mark.integration
+def test_ray_batch_on_two_nodes_matches_the_process_pool_byte_for_byte(cluster, pool_root, sample_dir, tmp_path):
+    root = tmp_path / "out"
+    done = subprocess.run(_ray_batch(cluster, sample_dir, root), capture_output=True, text=True, env=cluster.env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "127.0.0.2" in done.stderr and "127.0.0.3" in done.stderr, "both nodes should hold a worker"
+    assert_same_batch(root, pool_root)
+
+
+@pytest.mark.integration
+def test_driver_killed_with_sigkill_resumes_to_the_same_outputs(cluster, pool_root, sample_dir, tmp_path):
+    root = tmp_path / "out"
+    command = _ray_batch(cluster, sample_dir, root)
+    driver = subprocess.Popen(command, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while driver.poll() is None and len(list(root.glob(".work/*/*/*/done.json"))) < 2:
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert 2 <= len(list(root.glob(".work/*/*/*/done.json"))) < SAMPLES, "the kill should land mid-batch"
+    # The dead driver's workers stop with its job; wait until none of them is still inside a sample.
+    while open_checkpoints(list(cluster.sessions.values())):
+        time.sleep(0.1)
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=cluster.env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_batch(root, pool_root)
+
+
+@pytest.mark.integration
+def test_worker_node_killed_mid_sample_batch_completes_every_sample_once(cluster, pool_root, sample_dir, tmp_path):
+    root = tmp_path / "out"
+    driver = subprocess.Popen(_ray_batch(cluster, sample_dir, root), env=cluster.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    interrupted: set[Path] = set()
+    while driver.poll() is None and not interrupted:
+        interrupted = {f for f in open_checkpoints(cluster.worker_sessions()) if not (f / "done.json").exists()}
+        if interrupted:
+            for sid in cluster.worker_sessions():  # the whole node: raylet, object store, its workers
+                cluster.kill_session(sid)
+        else:
+            time.sleep(0.01)
+    _, stderr = driver.communicate(timeout=600)
+    assert interrupted, "the worker node never ran a sample"
+    assert driver.returncode == 0, stderr[-3000:]
+    assert all((folder / "done.json").is_file() for folder in interrupted)
+    assert_same_batch(root, pool_root)
+
+
+def test_unreachable_cluster_is_one_line_error(sample_dir, tmp_path):
+    address = f"{HEAD_IP}:{free_port(HEAD_IP)}"  # nothing listens there
+    done = subprocess.run(_batch(sample_dir, tmp_path / "out", "--ray", address), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"anomaly-agent: error: cannot reach the Ray cluster at {address}")
+
+
+def test_root_probe_names_what_a_worker_cannot_see_or_write(tmp_path):
+    probe = tmp_path / ".work" / ".ray-probe"
+    assert "FileNotFoundError" in probe_root(str(probe), "t")  # another machine's local folder, not a shared one
+    probe.parent.mkdir()
+    probe.write_text("t")
+    assert probe_root(str(probe), "t") is None and list(probe.parent.iterdir()) == [probe]
+    assert "another batch" in probe_root(str(probe), "u")
+    probe.parent.chmod(0o500)
+    try:
+        if os.geteuid() != 0:
+            assert "PermissionError" in probe_root(str(probe), "t")
+    finally:
+        probe.parent.chmod(0o700)
+
+
+def test_worker_room_counts_whole_workers_per_node():
+    nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 3.0}, {"CPU": 0.5}]
+    assert worker_room(nodes, cpus=1, gpus=0) == 5
+    assert worker_room(nodes, cpus=1, gpus=1) == 1
+    assert worker_room(nodes, cpus=1, gpus=0.5) == 2
+    assert worker_room(nodes, cpus=4, gpus=0) == 0
