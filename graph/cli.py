@@ -300,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trajectories", help="training data: export graph traces, reverse-synthesize real anomalies")
     tr = p.add_subparsers(dest="trajectories_command", required=True)
     q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")
-    q.add_argument("--input", required=True, nargs="+",
+    q.add_argument("--input", nargs="+",
                    help="batch roots, run folders, trajectory .json/.jsonl files or SqliteSaver .sqlite files")
+    q.add_argument("--langgraph-url", dest="langgraph_url",
+                   help="instead of --input: the threads of a LangGraph server (langgraph dev, Platform), via its SDK")
+    q.add_argument("--assistant", default="anomaly_agent", help="with --langgraph-url: graph or assistant id")
+    q.add_argument("--since", help="with --langgraph-url: threads updated on or after this ISO date/time (UTC)")
     q.add_argument("--out", required=True, help="JSONL file to write")
     q.add_argument("--hf-dataset", dest="hf_dataset", help="also save a datasets.Dataset (messages, tools) here")
     q.add_argument("--images", action="store_true", help="add the normal image (for vision-language policies)")

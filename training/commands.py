@@ -13,15 +13,26 @@ from pathlib import Path
 
 
 def cmd_trajectories_export(args: argparse.Namespace) -> int:
-    from training.trajectories import export_records
+    from training.trajectories import TrajectoryError, export_records
 
     statuses = None if args.all_statuses else tuple(s for s in args.statuses.split(",") if s)
+    if bool(args.input) == bool(args.langgraph_url):
+        raise TrajectoryError("give either --input or --langgraph-url")
+    records = None
+    if args.langgraph_url:
+        from training.served_runs import parse_since, records_from_langgraph
+
+        out = Path(args.out)
+        records = records_from_langgraph(args.langgraph_url, assistant=args.assistant,
+                                         since=parse_since(args.since) if args.since else None,
+                                         image_dir=out.with_name(f"{out.stem}_images"))
     summary = export_records(
-        args.input,
+        args.input or [args.langgraph_url],
         Path(args.out),
         hf_dataset=Path(args.hf_dataset) if args.hf_dataset else None,
         with_images=args.images,
         statuses=statuses,
+        records_in=records,
     )
     print(json.dumps(summary))
     return 0
