@@ -224,7 +224,7 @@ def run_batch(
     todo = [s for s in samples if s.index not in done]
     logger.info("%d samples planned, %d already done, %d to run", len(samples), len(done), len(todo))
     started = time.perf_counter()
-    execute = executor or partial(_execute, workers=workers)
+    execute = executor or pool_executor(workers)
     for _ in execute(todo, overrides, progress=progress, total=len(samples), initial=len(done)):
         pass
     summary = summarise(all_done_rows(root), seconds=time.perf_counter() - started)
@@ -245,6 +245,11 @@ def all_done_rows(root: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             logger.warning("skipping unreadable marker %s", marker)
     return sorted(rows, key=lambda r: (r["category"], r["anomaly_type"], r["number"]))
+
+
+def pool_executor(workers: int) -> Executor:
+    """This machine's executor: `workers` spawned processes, or this process alone when `workers` is 1."""
+    return partial(_execute, workers=workers)
 
 
 def _execute(todo: list[Sample], overrides: dict[str, Any], *, workers: int, progress: bool, total: int, initial: int) -> Iterator[dict[str, Any]]:

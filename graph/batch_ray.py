@@ -111,12 +111,15 @@ class RayExecutor:
                  initial: int) -> Iterator[dict[str, Any]]:
         import time
 
-        import ray
-        from ray.util import ActorPool
         from tqdm import tqdm
 
         if not todo:
             return
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError:
+            raise BatchError("batch --ray needs Ray: pip install 'anomaly-agent[ray]'") from None
         started = time.perf_counter()
         cfg = Configuration.load(overrides=overrides)
         _connect(self.settings)
@@ -136,6 +139,9 @@ class RayExecutor:
             self.timings["samples_s"] = time.perf_counter() - ready
         except ray.exceptions.RayTaskError as error:
             raise error.as_instanceof_cause() from None  # the sample's own exception, as the pool raises it
+        except ray.exceptions.RayActorError as error:
+            raise BatchError(f"a Ray worker was lost more than --ray-retries {self.settings.retries} times "
+                             f"({str(error).strip().splitlines()[0]}); run the batch again with --resume") from None
         finally:
             ray.shutdown()
 

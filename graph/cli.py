@@ -208,7 +208,7 @@ def _training(name: str) -> Callable[[argparse.Namespace], int]:
 #: Benchmark name -> module whose `main(argv)` runs it (evals/ is imported only when asked for).
 BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study",
               "generators": "evals.bench_generators", "grpo-update": "evals.bench_grpo_update",
-              "rollouts": "evals.bench_rollouts"}
+              "rollouts": "evals.bench_rollouts", "scale": "evals.bench_scale"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint (optimizer and step)")
     q.set_defaults(func=_training("cmd_train_grpo"))
 
-    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop), generators (agent vs baselines: samples/s, stages, memory), grpo-update (KL vs gain of one GRPO update per rule and learning rate), rollouts (a GRPO round's time per decoding mode)")
+    p = sub.add_parser("bench", help="benchmarks: qe (judge AUROC), agent (time and memory), loop (closed vs open loop), generators (agent vs baselines: samples/s, stages, memory), grpo-update (KL vs gain of one GRPO update per rule and learning rate), rollouts (a GRPO round's time per decoding mode), scale (samples/s of the process pool and of Ray)")
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
     p.set_defaults(func=cmd_bench)

@@ -24,14 +24,15 @@ SAMPLES = 2 * 2 * PER_IMAGE  # two sample images per category
 TIMING_FIELDS = {"seconds", "created", "timings", "wall_seconds_this_run", "seconds_per_sample_median"}
 
 
-def _batch(sample_dir: Path, root: Path, *extra: str) -> list[str]:
+def _batch(sample_dir: Path, root: Path, *extra: str, per_image: int = PER_IMAGE) -> list[str]:
     return [str(Path(sys.executable).with_name("anomaly-agent")), "-v", "batch", "--input", str(sample_dir / CATEGORY),
-            "--category", CATEGORY, "--anomaly-types", TYPES, "--per-image", str(PER_IMAGE), "--out", str(root),
+            "--category", CATEGORY, "--anomaly-types", TYPES, "--per-image", str(per_image), "--out", str(root),
             "--seed", "3", *extra]
 
 
-def _ray_batch(cluster: LocalRayCluster, sample_dir: Path, root: Path, *extra: str) -> list[str]:
-    return _batch(sample_dir, root, "--ray", cluster.address, "--ray-node-ip", HEAD_IP, "--workers", "2", *extra)
+def _ray_batch(cluster: LocalRayCluster, sample_dir: Path, root: Path, *extra: str, per_image: int = PER_IMAGE) -> list[str]:
+    return _batch(sample_dir, root, "--ray", cluster.address, "--ray-node-ip", HEAD_IP, "--workers", "2", *extra,
+                  per_image=per_image)
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,17 @@ def cluster():
         started.stop()
 
 
-@pytest.fixture(scope="module")
-def pool_root(sample_dir, tmp_path_factory):
-    """The same batch through the process pool (one torch thread per worker, as each Ray worker has)."""
-    root = tmp_path_factory.mktemp("pool") / "out"
-    done = subprocess.run(_batch(sample_dir, root, "--workers", "2"), capture_output=True, text=True, timeout=600)
+def _pool_batch(sample_dir: Path, root: Path, per_image: int = PER_IMAGE) -> Path:
+    """The batch through the process pool (one torch thread per worker, as each Ray worker has)."""
+    done = subprocess.run(_batch(sample_dir, root, "--workers", "2", per_image=per_image), capture_output=True, text=True,
+                          timeout=3600)
     assert done.returncode == 0, done.stderr[-2000:]
     return root
+
+
+@pytest.fixture(scope="module")
+def pool_root(sample_dir, tmp_path_factory):
+    return _pool_batch(sample_dir, tmp_path_factory.mktemp("pool") / "out")
 
 
 def _comparable(value, root: Path):
@@ -63,7 +68,7 @@ def _comparable(value, root: Path):
     return value
 
 
-def assert_same_batch(ray_root: Path, pool_root: Path) -> None:
+def assert_same_batch(ray_root: Path, pool_root: Path, samples: int = SAMPLES) -> None:
     """Every image, mask and stored artefact byte-identical; records identical but for timings and the root's path."""
     def files(root: Path, pattern: str) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob(pattern)) if p.is_file()}
@@ -72,17 +77,17 @@ def assert_same_batch(ray_root: Path, pool_root: Path) -> None:
         ours, theirs = files(ray_root, pattern), files(pool_root, pattern)
         assert ours.keys() == theirs.keys() and ours, pattern
         assert [k for k in ours if ours[k] != theirs[k]] == [], f"{pattern}: files differ"
-    assert len(files(ray_root, f"{CATEGORY}/test/*/*.png")) == SAMPLES
+    assert len(files(ray_root, f"{CATEGORY}/test/*/*.png")) == samples
     for pattern in (".work/*/*/*/done.json", ".work/*/*/*/trajectory.json", "summary.json"):
         ours, theirs = files(ray_root, pattern), files(pool_root, pattern)
         assert ours.keys() == theirs.keys()
         for key in ours:
             assert _comparable(json.loads(ours[key]), ray_root) == _comparable(json.loads(theirs[key]), pool_root), key
     lines = [(ray_root / "trajectories.jsonl").read_text().splitlines(), (pool_root / "trajectories.jsonl").read_text().splitlines()]
-    assert len(lines[0]) == SAMPLES
+    assert len(lines[0]) == samples
     assert [_comparable(json.loads(x), ray_root) for x in lines[0]] == [_comparable(json.loads(x), pool_root) for x in lines[1]]
     keys = [(r["anomaly_type"], r["sample"]["number"]) for r in map(json.loads, lines[0])]
-    assert len(set(keys)) == SAMPLES, "a sample appears twice"
+    assert len(set(keys)) == samples, "a sample appears twice"
     assert not list(ray_root.rglob("*.tmp")), "temporary files left behind"
 
 
@@ -129,11 +134,10 @@ def test_driver_killed_with_sigkill_resumes_to_the_same_outputs(cluster, pool_ro
     assert_same_batch(root, pool_root)
 
 
-@pytest.mark.integration
-def test_worker_node_killed_mid_sample_batch_completes_every_sample_once(cluster, pool_root, sample_dir, tmp_path):
-    root = tmp_path / "out"
-    driver = subprocess.Popen(_ray_batch(cluster, sample_dir, root), env=cluster.env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+def _kill_worker_node_mid_sample(cluster: LocalRayCluster, command: list[str]) -> None:
+    """Run `command`, SIGKILL the worker node's processes while one of its workers is inside a sample, and check
+    that the batch still completes and that the interrupted samples finished."""
+    driver = subprocess.Popen(command, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     interrupted: set[Path] = set()
     while driver.poll() is None and not interrupted:
         interrupted = {f for f in open_checkpoints(cluster.worker_sessions()) if not (f / "done.json").exists()}
@@ -142,11 +146,35 @@ def test_worker_node_killed_mid_sample_batch_completes_every_sample_once(cluster
                 cluster.kill_session(sid)
         else:
             time.sleep(0.01)
-    _, stderr = driver.communicate(timeout=600)
+    _, stderr = driver.communicate(timeout=3600)
     assert interrupted, "the worker node never ran a sample"
     assert driver.returncode == 0, stderr[-3000:]
     assert all((folder / "done.json").is_file() for folder in interrupted)
+
+
+@pytest.mark.integration
+def test_worker_node_killed_mid_sample_batch_completes_every_sample_once(cluster, pool_root, sample_dir, tmp_path):
+    root = tmp_path / "out"
+    _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, root))
     assert_same_batch(root, pool_root)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_hundred_samples_on_two_nodes_match_the_pool_also_after_a_lost_node(cluster, sample_dir, tmp_path):
+    """The tests above at 200 samples (50 per image and type), on a fresh worker node."""
+    per_image, samples = 50, 200
+    if not cluster.worker_sessions() or not any(session_pids(s) for s in cluster.worker_sessions()):
+        cluster.start_worker()
+    pool = _pool_batch(sample_dir, tmp_path / "pool", per_image=per_image)
+    whole = tmp_path / "ray"
+    done = subprocess.run(_ray_batch(cluster, sample_dir, whole, per_image=per_image), capture_output=True, text=True,
+                          env=cluster.env, timeout=3600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_batch(whole, pool, samples)
+    lost = tmp_path / "ray-lost-node"
+    _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, lost, per_image=per_image))
+    assert_same_batch(lost, pool, samples)
 
 
 def test_unreachable_cluster_is_one_line_error(sample_dir, tmp_path):
