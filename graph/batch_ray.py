@@ -5,7 +5,7 @@ down and moves nothing we would otherwise hand-write (no scheduler, queue or RPC
 Ray actor is one worker: it builds the toolbox and policy once (diffusion pipeline, SAM, a local
 model) and then runs samples with `graph.batch.run_sample`, exactly as a pool process does. Ray
 restarts an actor lost with its node (``max_restarts``) wherever resources allow and retries the
-sample it held (``max_task_retries``); the retry resumes from the sample's own checkpoint under the
+sample it held on it (``max_task_retries``); the retry resumes from the sample's own checkpoint under the
 root's ``.work/``, so a sample is never lost and, its outputs having fixed names written atomically,
 never written twice. The root must therefore be one folder that every node sees (a shared
 filesystem); it is checked from every worker before any sample runs. `graph.batch.run_batch` rebuilds
@@ -50,7 +50,7 @@ class RaySettings:
         cpus_per_worker: CPUs each actor reserves (also its torch thread count).
         gpus_per_worker: GPUs each actor reserves; None: 1 when a tool or the policy runs a model on
             a non-CPU device and the cluster has GPUs, else 0.
-        retries: Restarts of a lost actor and retries of the sample it held.
+        retries: Restarts of a lost actor; the sample it held is retried on the restarted actor.
         object_store_mb: Object store of a local instance (ignored when joining a cluster).
         connect_timeout_s: How long to wait for the cluster's address to answer.
     """
@@ -140,7 +140,7 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as error:
             raise error.as_instanceof_cause() from None  # the sample's own exception, as the pool raises it
         except ray.exceptions.RayActorError as error:
-            raise BatchError(f"a Ray worker was lost more than --ray-retries {self.settings.retries} times "
+            raise BatchError(f"a Ray worker was lost and restarted --ray-retries {self.settings.retries} times already "
                              f"({str(error).strip().splitlines()[0]}); run the batch again with --resume") from None
         finally:
             ray.shutdown()
@@ -165,7 +165,9 @@ class RayExecutor:
             num_cpus=settings.cpus_per_worker,
             num_gpus=gpus,
             max_restarts=settings.retries,
-            max_task_retries=settings.retries,
+            # Retry a lost actor's sample until it is restarted: a node that is dying but not yet declared dead
+            # refuses calls at once, and a finite count would be spent in that window. max_restarts bounds it.
+            max_task_retries=-1,
             scheduling_strategy="SPREAD",
         )
         threads = max(1, math.floor(settings.cpus_per_worker))

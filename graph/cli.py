@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-gpus", dest="ray_gpus", type=float,
                    help="GPUs per Ray worker (default: 1 when a model backend runs on a GPU and the cluster has one)")
     p.add_argument("--ray-retries", dest="ray_retries", type=int, default=3,
-                   help="restarts of a lost Ray worker, and retries of its sample (default 3)")
+                   help="restarts of a lost Ray worker; its sample is retried on the restarted worker (default 3)")
     run_options(p)
     p.set_defaults(func=cmd_batch)
 

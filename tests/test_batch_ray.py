@@ -134,28 +134,35 @@ def test_driver_killed_with_sigkill_resumes_to_the_same_outputs(cluster, pool_ro
     assert_same_batch(root, pool_root)
 
 
-def _kill_worker_node_mid_sample(cluster: LocalRayCluster, command: list[str]) -> None:
-    """Run `command`, SIGKILL the worker node's processes while one of its workers is inside a sample, and check
-    that the batch still completes and that the interrupted samples finished."""
+def _kill_worker_node_mid_sample(cluster: LocalRayCluster, command: list[str], root: Path, after: int = 0) -> tuple[set[Path], int]:
+    """Run `command` into `root`; once `after` samples are done, SIGKILL the worker node's processes while one of
+    its workers is inside a sample; check that the batch still completes and the interrupted samples finished.
+
+    Returns:
+        The interrupted samples' work folders and how many samples were done at the kill.
+    """
     driver = subprocess.Popen(command, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     interrupted: set[Path] = set()
     while driver.poll() is None and not interrupted:
-        interrupted = {f for f in open_checkpoints(cluster.worker_sessions()) if not (f / "done.json").exists()}
+        if len(list(root.glob(".work/*/*/*/done.json"))) >= after:
+            interrupted = {f for f in open_checkpoints(cluster.worker_sessions()) if not (f / "done.json").exists()}
         if interrupted:
             for sid in cluster.worker_sessions():  # the whole node: raylet, object store, its workers
                 cluster.kill_session(sid)
+            done_at_kill = len(list(root.glob(".work/*/*/*/done.json")))
         else:
             time.sleep(0.01)
     _, stderr = driver.communicate(timeout=3600)
     assert interrupted, "the worker node never ran a sample"
     assert driver.returncode == 0, stderr[-3000:]
     assert all((folder / "done.json").is_file() for folder in interrupted)
+    return interrupted, done_at_kill
 
 
 @pytest.mark.integration
 def test_worker_node_killed_mid_sample_batch_completes_every_sample_once(cluster, pool_root, sample_dir, tmp_path):
     root = tmp_path / "out"
-    _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, root))
+    _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, root), root)
     assert_same_batch(root, pool_root)
 
 
@@ -166,14 +173,22 @@ def test_two_hundred_samples_on_two_nodes_match_the_pool_also_after_a_lost_node(
     per_image, samples = 50, 200
     if not cluster.worker_sessions() or not any(session_pids(s) for s in cluster.worker_sessions()):
         cluster.start_worker()
+    started = time.perf_counter()
     pool = _pool_batch(sample_dir, tmp_path / "pool", per_image=per_image)
+    print(f"\npool, 2 processes: {samples} samples in {time.perf_counter() - started:.0f} s")
     whole = tmp_path / "ray"
+    started = time.perf_counter()
     done = subprocess.run(_ray_batch(cluster, sample_dir, whole, per_image=per_image), capture_output=True, text=True,
                           env=cluster.env, timeout=3600)
     assert done.returncode == 0, done.stderr[-3000:]
+    print(f"ray, two nodes: {samples} samples in {time.perf_counter() - started:.0f} s")
     assert_same_batch(whole, pool, samples)
     lost = tmp_path / "ray-lost-node"
-    _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, lost, per_image=per_image))
+    started = time.perf_counter()
+    interrupted = _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, lost, per_image=per_image), lost,
+                                               after=samples // 2)
+    print(f"ray, worker node killed after {interrupted[1]} samples, inside {sorted("/".join(p.parts[-3:]) for p in interrupted[0])}: "
+          f"{samples} samples in {time.perf_counter() - started:.0f} s")
     assert_same_batch(lost, pool, samples)
 
 
