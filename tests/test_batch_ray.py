@@ -187,7 +187,7 @@ def test_two_hundred_samples_on_two_nodes_match_the_pool_also_after_a_lost_node(
     started = time.perf_counter()
     interrupted = _kill_worker_node_mid_sample(cluster, _ray_batch(cluster, sample_dir, lost, per_image=per_image), lost,
                                                after=samples // 2)
-    print(f"ray, worker node killed after {interrupted[1]} samples, inside {sorted("/".join(p.parts[-3:]) for p in interrupted[0])}: "
+    print(f"ray, worker node killed after {interrupted[1]} samples, inside {sorted('/'.join(p.parts[-3:]) for p in interrupted[0])}: "
           f"{samples} samples in {time.perf_counter() - started:.0f} s")
     assert_same_batch(lost, pool, samples)
 
