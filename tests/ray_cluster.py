@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,7 +96,7 @@ class LocalRayCluster:
                 pass
 
     def stop(self) -> None:
-        """SIGTERM every node's processes, then SIGKILL what is left after 5 s."""
+        """SIGTERM every node's processes, SIGKILL what is left after 5 s, remove the temporary folder."""
         for sid in self.sessions.values():
             self.kill_session(sid, signal.SIGTERM)
         deadline = time.time() + 5
@@ -103,3 +104,4 @@ class LocalRayCluster:
             time.sleep(0.2)
         for sid in self.sessions.values():
             self.kill_session(sid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from graph.batch_ray import probe_root, worker_room  # noqa: E402
+from graph.batch_ray import probe_root, uses_gpu, worker_room  # noqa: E402
+from graph.configuration import Configuration  # noqa: E402
 from ray_cluster import HEAD_IP, LocalRayCluster, free_port, session_pids  # noqa: E402
 
 CATEGORY, TYPES, PER_IMAGE = "tile", "crack,oil", 2
@@ -220,3 +221,10 @@ def test_worker_room_counts_whole_workers_per_node():
     assert worker_room(nodes, cpus=1, gpus=1) == 1
     assert worker_room(nodes, cpus=1, gpus=0.5) == 2
     assert worker_room(nodes, cpus=4, gpus=0) == 0
+
+
+def test_workers_ask_for_a_gpu_only_when_a_model_runs_off_the_cpu():
+    assert not uses_gpu(Configuration())  # procedural IG, change-mask MG, scripted policy
+    assert uses_gpu(Configuration(image_backend="diffusers", diffusion_model_path="/models/sd"))
+    assert uses_gpu(Configuration(mask_backend="sam", sam_checkpoint="/models/sam.pth"))
+    assert not uses_gpu(Configuration(image_backend="diffusers", diffusion_model_path="/models/sd", torch_device="cpu"))
