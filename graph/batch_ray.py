@@ -36,6 +36,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave 
 #: Object store of a local instance: only sample plans and per-sample records travel through it
 #: (images go through the shared root), so a small store is plenty.
 LOCAL_OBJECT_STORE_MB = 200
+#: Ray namespace of the workers' names (a name is unique within its namespace across jobs).
+NAMESPACE = "anomaly-agent"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class RaySettings:
         retries: Restarts of a lost actor; the sample it held is retried on the restarted actor.
         object_store_mb: Object store of a local instance (ignored when joining a cluster).
         connect_timeout_s: How long to wait for the cluster's address to answer.
+        lock_wait_s: How long to wait for another batch into the same root on the cluster to end (a
+            killed driver's job is cleaned up within seconds).
     """
 
     address: str | None = None
@@ -63,6 +67,7 @@ class RaySettings:
     retries: int = 3
     object_store_mb: int = LOCAL_OBJECT_STORE_MB
     connect_timeout_s: float = 10.0
+    lock_wait_s: float = 60.0
 
 
 class SampleWorker:
@@ -161,7 +166,7 @@ class RayExecutor:
             raise BatchError(f"the Ray cluster has room for {room} workers of {settings.cpus_per_worker:g} CPUs and "
                              f"{gpus:g} GPUs, not {settings.workers}; ask for fewer --workers")
         count = min(settings.workers or room, todo)
-        remote = ray.remote(SampleWorker).options(
+        options = dict(
             num_cpus=settings.cpus_per_worker,
             num_gpus=gpus,
             max_restarts=settings.retries,
@@ -171,11 +176,35 @@ class RayExecutor:
             scheduling_strategy="SPREAD",
         )
         threads = max(1, math.floor(settings.cpus_per_worker))
-        actors = [remote.remote(overrides, threads) for _ in range(count)]
+        worker = ray.remote(SampleWorker)
+        actors = [self._first_worker(worker, options, overrides, threads)]
+        actors += [worker.options(**options).remote(overrides, threads) for _ in range(count - 1)]
         nodes = ray.get([actor.node.remote() for actor in actors])
         logger.info("%d Ray workers on %s", count, sorted(set(nodes)))
         self._check_root(actors, nodes)
         return actors
+
+    def _first_worker(self, worker: Any, options: dict[str, Any], overrides: dict[str, Any], threads: int) -> ActorHandle:
+        """The first worker, named after the root: one batch per root on a cluster at a time.
+
+        Why: a second driver on the same root (or a resumed one while a killed driver's workers are still
+        being stopped) would run the same samples twice at once. Ray frees the name when the job that
+        holds it ends, so this waits up to `lock_wait_s` for a dead driver's job to be cleaned up.
+        """
+        import time
+
+        import ray
+
+        name = f"anomaly-agent batch {self.root}"
+        deadline = time.monotonic() + self.settings.lock_wait_s
+        while True:
+            try:
+                return worker.options(**options, name=name, namespace=NAMESPACE).remote(overrides, threads)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise BatchError(f"another batch is writing into {self.root} on this Ray cluster; wait for it to end "
+                                     "or choose another --out") from None
+                time.sleep(0.5)
 
     def _check_root(self, actors: list[ActorHandle], nodes: list[str]) -> None:
         """Raise unless every worker reads what the driver wrote under the root and can write there."""

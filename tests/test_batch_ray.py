@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from graph.batch_ray import probe_root, uses_gpu, worker_room  # noqa: E402
+from graph.batch_ray import NAMESPACE, probe_root, uses_gpu, worker_room  # noqa: E402
 from graph.configuration import Configuration  # noqa: E402
 from ray_cluster import HEAD_IP, LocalRayCluster, free_port, session_pids  # noqa: E402
 
@@ -191,6 +191,55 @@ def test_two_hundred_samples_on_two_nodes_match_the_pool_also_after_a_lost_node(
     print(f"ray, worker node killed after {interrupted[1]} samples, inside {sorted('/'.join(p.parts[-3:]) for p in interrupted[0])}: "
           f"{samples} samples in {time.perf_counter() - started:.0f} s")
     assert_same_batch(lost, pool, samples)
+
+
+HOLDER = """
+import sys, time, ray
+ray.init(address=sys.argv[1], _node_ip_address=sys.argv[2])
+@ray.remote(num_cpus=0)
+class Holder:
+    def ready(self):
+        return True
+holder = Holder.options(name=sys.argv[3], namespace=sys.argv[4]).remote()
+ray.get(holder.ready.remote())
+print("held", flush=True)
+time.sleep(3600)
+"""
+
+#: A driver that runs one sample into a root with RayExecutor and prints its status or its error.
+DRIVER = """
+import sys
+from pathlib import Path
+from graph.batch import BatchError, list_images, plan
+from graph.batch_ray import RayExecutor, RaySettings
+root = Path(sys.argv[3])
+todo = plan(list_images(Path(sys.argv[4]))[:1], "tile", ["crack"], 1, root, seed=0)
+settings = RaySettings(address=sys.argv[1], node_ip=sys.argv[2], workers=1, lock_wait_s=float(sys.argv[5]))
+try:
+    print([row["status"] for row in RayExecutor(settings, root)(todo, {}, progress=False, total=1, initial=0)])
+except BatchError as error:
+    print(error)
+"""
+
+
+@pytest.mark.integration
+def test_one_batch_per_root_on_a_cluster_and_a_killed_drivers_hold_is_released(cluster, sample_dir, tmp_path):
+    root = tmp_path / "out"
+
+    def drive(lock_wait_s: float) -> str:
+        done = subprocess.run([sys.executable, "-c", DRIVER, cluster.address, HEAD_IP, str(root), str(sample_dir / CATEGORY),
+                               str(lock_wait_s)], env=cluster.env, capture_output=True, text=True, timeout=600)
+        return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+
+    other = subprocess.Popen([sys.executable, "-c", HOLDER, cluster.address, HEAD_IP, f"anomaly-agent batch {root}", NAMESPACE],
+                             env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"  # another driver's batch into the same root
+        assert drive(lock_wait_s=1).startswith(f"another batch is writing into {root}")
+    finally:
+        other.kill()  # SIGKILL: Ray frees the name when it notices that job's end
+        other.wait()
+    assert drive(lock_wait_s=120) in ("['success']", "['budget_exhausted']")
 
 
 def test_unreachable_cluster_is_one_line_error(sample_dir, tmp_path):
