@@ -145,8 +145,9 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as error:
             raise error.as_instanceof_cause() from None  # the sample's own exception, as the pool raises it
         except ray.exceptions.RayActorError as error:
-            raise BatchError(f"a Ray worker was lost and restarted --ray-retries {self.settings.retries} times already "
-                             f"({str(error).strip().splitlines()[0]}); run the batch again with --resume") from None
+            raise BatchError(f"a Ray worker died for good (it failed to start, or was lost more than --ray-retries "
+                             f"{self.settings.retries} times): {str(error).strip().splitlines()[0]}; fix the cause and "
+                             "run the batch again with --resume") from None
         finally:
             ray.shutdown()
 
