@@ -117,6 +117,15 @@ def test_ray_batch_on_two_nodes_matches_the_process_pool_byte_for_byte(cluster, 
 
 
 @pytest.mark.integration
+def test_local_ray_instance_started_by_the_driver_matches_the_process_pool(pool_root, sample_dir, tmp_path):
+    root = tmp_path / "out"
+    done = subprocess.run(_batch(sample_dir, root, "--ray", "--ray-node-ip", HEAD_IP, "--workers", "2"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_batch(root, pool_root)
+
+
+@pytest.mark.integration
 def test_driver_killed_with_sigkill_resumes_to_the_same_outputs(cluster, pool_root, sample_dir, tmp_path):
     root = tmp_path / "out"
     command = _ray_batch(cluster, sample_dir, root)
