@@ -118,6 +118,12 @@ def bench_gpu_backends(argv: list[str]) -> int | None:
     return main(argv)
 
 
+def bench_scale(argv: list[str]) -> int | None:
+    from evals.bench_scale import main
+
+    return main(argv)
+
+
 def register(sub: Any) -> None:
     """Add the evaluation commands to the `anomaly-agent` subcommands `sub`."""
     from evals.eval_cli import add_arguments as add_eval_generator_arguments
@@ -141,3 +147,5 @@ def register(sub: Any) -> None:
                     bench_contact_sheets)
     add_passthrough(bench, "gpu-backends", "the production image backends' time and GPU memory per sample",
                     bench_gpu_backends)
+    add_passthrough(bench, "scale", "samples/s of the process pool and of Ray (1 and 2 workers), Ray's cost per sample",
+                    bench_scale)

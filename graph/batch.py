@@ -31,8 +31,9 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from graph.batch_guard import hold_root, init_worker
 from graph.configuration import Configuration
@@ -76,6 +77,11 @@ class Sample:
     work_dir: str
     anomaly_out: str
     mask_out: str
+
+
+#: Runs planned samples with `run_sample` and yields their rows as they finish:
+#: ``execute(todo, overrides, progress=..., total=..., initial=...)`` (total and initial size the progress bar).
+Executor = Callable[..., Iterable[dict[str, Any]]]
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -275,6 +281,7 @@ def run_batch(
     workers: int = 1,
     resume: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run every sample not yet done, then write trajectories.jsonl, summary.json and contact_sheet.png.
 
@@ -283,6 +290,10 @@ def run_batch(
 
     Only one batch at a time writes into a root (see graph.batch_guard); pool workers die with it.
 
+    Args:
+        executor: Runs the samples still to do and yields their rows (default: this machine's process
+            pool of `workers`); `graph.batch_ray.RayExecutor` runs them on a Ray cluster.
+
     Returns:
         The summary of every finished sample under `root` (also written to root/summary.json).
 
@@ -290,11 +301,12 @@ def run_batch(
         graph.batch_guard.RootBusyError: another batch, or a worker of a killed one, is writing into `root`.
     """
     with hold_root(root / WORK_DIR):
-        return _run_batch_held(samples, root, overrides=overrides, workers=workers, resume=resume, progress=progress)
+        return _run_batch_held(samples, root, overrides=overrides, workers=workers, resume=resume, progress=progress,
+                               executor=executor)
 
 
 def _run_batch_held(samples: list[Sample], root: Path, *, overrides: dict[str, Any], workers: int, resume: bool,
-                    progress: bool) -> dict[str, Any]:
+                    progress: bool, executor: Executor | None) -> dict[str, Any]:
     done = {s.work_dir: row for s in samples if (row := _done_row(s)) is not None}
     for sample in samples:
         if done.get(sample.work_dir, {}).get("status") in RETRY_STATUSES and resume:
@@ -311,7 +323,8 @@ def _run_batch_held(samples: list[Sample], root: Path, *, overrides: dict[str, A
     logger.info("%d samples planned, %d already done, %d to run", len(samples), len(done), len(todo))
     started = time.perf_counter()
     try:
-        for row in _execute(todo, overrides, workers, progress, root / WORK_DIR, total=len(samples), initial=len(done)):
+        execute = executor or pool_executor(workers, root / WORK_DIR)
+        for row in execute(todo, overrides, progress=progress, total=len(samples), initial=len(done)):
             if row["status"] == INPUT_ERROR:
                 logger.warning("input error (%s/%s %s): %s", row["category"], row["anomaly_type"], row["name"], row.get("error"))
     finally:
@@ -352,8 +365,14 @@ def all_done_rows(root: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["category"], r["anomaly_type"], r.get("name", "")))
 
 
-def _execute(todo: list[Sample], overrides: dict[str, Any], workers: int, progress: bool, work_dir: Path, total: int,
-             initial: int) -> Iterator[dict[str, Any]]:
+def pool_executor(workers: int, work_dir: Path) -> Executor:
+    """This machine's executor: `workers` spawned processes (which die with this one and hold
+    `work_dir`'s workers lock), or this process alone when `workers` is 1."""
+    return partial(_execute, workers=workers, work_dir=work_dir)
+
+
+def _execute(todo: list[Sample], overrides: dict[str, Any], *, workers: int, work_dir: Path, progress: bool,
+             total: int, initial: int) -> Iterator[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, desc="samples", unit="sample", disable=not progress)

@@ -165,12 +165,24 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # a warning (an input error) gets its own line, not the progress bar's
-        summary = run_batch(samples, root, overrides=run_overrides(args), workers=args.workers, resume=args.resume)
+        summary = run_batch(samples, root, overrides=run_overrides(args), workers=args.workers or 1,
+                            resume=args.resume, executor=_ray_executor(args, root))
     print(json.dumps({k: summary[k] for k in ("samples", "statuses", "mask_iou_mean", "score_mean", "seconds_per_sample_median")}))
     errors = len(summary["input_errors"])
     print(f"wrote {root}/{category}/test, ground_truth, trajectories.jsonl, summary.json, contact_sheet.png; "
           f"{errors} input error{'' if errors == 1 else 's'}" + (" (listed in summary.json input_errors)" if errors else ""), file=sys.stderr)
     return 0
+
+
+def _ray_executor(args: argparse.Namespace, root: Path) -> Any:
+    """The Ray executor `batch --ray` asks for, or None for the process pool."""
+    if args.ray is None:
+        return None
+    from graph.batch_ray import RayExecutor, RaySettings
+
+    settings = RaySettings(address=None if args.ray == "local" else args.ray, node_ip=args.ray_node_ip, workers=args.workers,
+                           cpus_per_worker=args.ray_cpus, gpus_per_worker=args.ray_gpus, retries=args.ray_retries)
+    return RayExecutor(settings, root)
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -247,8 +259,18 @@ def register(sub: Any) -> None:
     p.add_argument("--per-image", type=_count(1, 1000), default=1,  # 1000: graph.batch.MAX_PER_IMAGE
                    help="samples per image and type (1-1000)")
     p.add_argument("--out", required=True)
-    p.add_argument("--workers", type=_count(1), default=1, help="processes running samples at once")
+    p.add_argument("--workers", type=_count(1),
+                   help="processes (default 1), or Ray workers (default: as many as the cluster holds)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted batch in the same --out")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: alone, a local instance; auto, HOST:PORT or ray://HOST:PORT joins a cluster "
+                        "(--out must be a folder every node sees)")
+    p.add_argument("--ray-node-ip", dest="ray_node_ip", help="this driver's node address (e.g. 127.0.0.2); default: Ray's choice")
+    p.add_argument("--ray-cpus", dest="ray_cpus", type=float, default=1.0, help="CPUs per Ray worker (default 1)")
+    p.add_argument("--ray-gpus", dest="ray_gpus", type=float,
+                   help="GPUs per Ray worker (default: 1 when a model backend runs on a GPU and the cluster has one)")
+    p.add_argument("--ray-retries", dest="ray_retries", type=int, default=3,
+                   help="restarts of a lost Ray worker; its sample is retried on the restarted worker (default 3)")
     run_options(p)
     p.set_defaults(func=cmd_batch)
 

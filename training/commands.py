@@ -26,15 +26,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_trajectories_export(args: argparse.Namespace) -> int:
-    from training.trajectories import export_records
+    from training.trajectories import TrajectoryError, export_records
 
     statuses = None if args.all_statuses else tuple(s for s in args.statuses.split(",") if s)
+    if bool(args.input) == bool(args.langgraph_url):
+        raise TrajectoryError("give either --input or --langgraph-url")
+    records = None
+    if args.langgraph_url:
+        from training.served_runs import parse_since, records_from_langgraph
+
+        out = Path(args.out)
+        records = records_from_langgraph(args.langgraph_url, assistant=args.assistant,
+                                         since=parse_since(args.since) if args.since else None,
+                                         image_dir=out.with_name(f"{out.stem}_images"))
     summary = export_records(
-        args.input,
+        args.input or [args.langgraph_url],
         Path(args.out),
         hf_dataset=Path(args.hf_dataset) if args.hf_dataset else None,
         with_images=args.images,
         statuses=statuses,
+        records_in=records,
     )
     print(json.dumps(summary))
     return 0
@@ -169,8 +180,12 @@ def register(sub: Any) -> None:
 
     tr = command_group(sub, "trajectories", "training data: export graph traces, reverse-synthesize real anomalies")
     q = tr.add_parser("export", help="graph traces -> trajectory JSONL (and a Hugging Face dataset for SFT)")
-    q.add_argument("--input", required=True, nargs="+",
+    q.add_argument("--input", nargs="+",
                    help="batch roots, run folders, trajectory .json/.jsonl files or SqliteSaver .sqlite files")
+    q.add_argument("--langgraph-url", dest="langgraph_url",
+                   help="instead of --input: the threads of a LangGraph server (langgraph dev, Platform), via its SDK")
+    q.add_argument("--assistant", default="anomaly_agent", help="with --langgraph-url: graph or assistant id")
+    q.add_argument("--since", help="with --langgraph-url: threads updated on or after this ISO date/time (UTC)")
     q.add_argument("--out", required=True, help="JSONL file to write")
     q.add_argument("--hf-dataset", dest="hf_dataset", help="also save a datasets.Dataset (messages, tools) here")
     q.add_argument("--images", action="store_true", help="add the normal image (for vision-language policies)")

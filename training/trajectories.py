@@ -213,17 +213,19 @@ def export_records(
     hf_dataset: Path | None = None,
     with_images: bool = False,
     statuses: tuple[str, ...] | None = ("success", "budget_exhausted"),
+    records_in: Iterable[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Read, normalise, filter and write trajectories as JSONL (and optionally a saved HF dataset).
 
     Args:
-        inputs: See `iter_records`.
+        inputs: See `iter_records`; with `records_in`, only names the source in messages.
         out: The JSONL file to write (one canonical record per line).
         hf_dataset: A folder for `datasets.Dataset.save_to_disk` (``messages``, ``tools``, meta columns).
         with_images: Add an ``images`` column (the normal image) and an image part to the first user
             message, for vision-language policies; text-only SFT must leave it off (TRL treats a
             dataset with images as a VLM dataset).
         statuses: Keep only runs with these statuses (None keeps all finished or not).
+        records_in: Raw records to export instead of reading `inputs` (e.g. `training.served_runs`).
 
     Returns:
         Counts: read, kept, skipped (by reason), per source.
@@ -233,7 +235,7 @@ def export_records(
     records, skipped = [], {}
     read = 0
     seen: set[str] = set()
-    for raw in iter_records(inputs):
+    for raw in iter_records(inputs) if records_in is None else records_in:
         read += 1
         try:
             record = normalise_record(raw)
