@@ -87,7 +87,7 @@ def assert_same_batch(ray_root: Path, pool_root: Path, samples: int = SAMPLES) -
     lines = [(ray_root / "trajectories.jsonl").read_text().splitlines(), (pool_root / "trajectories.jsonl").read_text().splitlines()]
     assert len(lines[0]) == samples
     assert [_comparable(json.loads(x), ray_root) for x in lines[0]] == [_comparable(json.loads(x), pool_root) for x in lines[1]]
-    keys = [(r["anomaly_type"], r["sample"]["number"]) for r in map(json.loads, lines[0])]
+    keys = [(r["anomaly_type"], r["sample"]["name"]) for r in map(json.loads, lines[0])]
     assert len(set(keys)) == samples, "a sample appears twice"
     assert not list(ray_root.rglob("*.tmp")), "temporary files left behind"
 

@@ -12,12 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_langgraph_server import server  # noqa: F401  (the real `langgraph dev` fixture)
+from test_langgraph_server import served, traces  # noqa: F401  (the real `langgraph dev` fixture)
 
 from tools.imaging import load_image, load_mask
 from training.trajectories import normalise_record
 
 TASKS = [("tile", "crack", 1), ("metal_nut", "scratch", 2)]
+
+
+@pytest.fixture()
+def server(served):  # noqa: F811
+    """The URL of the real `langgraph dev` server."""
+    return served[0]
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:
