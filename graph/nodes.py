@@ -26,6 +26,7 @@ from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
 from graph.toolbox import get_toolbox
 from graph.trajectory import write_outputs
 from tools.image_store import ImageStore
+from tools.image_gen.camera import jpeg_settings
 from tools.imaging import load_image
 from tools.mask_gen import change_mask
 from tools.knowledge.catalog import load_catalog
@@ -59,6 +60,7 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
     run_dir = Path(state.get("run_dir") or Path(config.run_root) / uuid.uuid4().hex[:12]).resolve()
     normal = load_image(state["image"])
     image_id = ImageStore(run_dir).put(normal)
+    jpeg = jpeg_settings(state["image"])
     subject = category.subject
     return {
         "category": category.name,
@@ -69,6 +71,8 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
         "is_texture": category.kind == "texture",
         "default_shape": defect.shape,
         "region": defect.region,
+        "jpeg_quality": jpeg.quality if jpeg else None,
+        "jpeg_subsampling": jpeg.subsampling if jpeg else 2,
         "images": {"1": image_id},
         "generations": {},
         "evaluations": {},
@@ -240,6 +244,8 @@ def run_image_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -
         default_shape=state.get("default_shape", "stain"),
         region=state.get("region"),
         seed=_derive_seed(state, "image_gen"),
+        jpeg_quality=state.get("jpeg_quality"),
+        jpeg_subsampling=state.get("jpeg_subsampling", 2),
     )
     result = get_toolbox(cfg).image.generate(image, request)
     store = _store(state)
