@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from tools.image_gen.blending import texture_contrast
 from tools.image_gen.camera import blur_change, luminance
 from tools.image_gen.shapes import coords, fractal_noise
 from tools.vocabulary import DefectSpec
@@ -39,8 +40,12 @@ CONTRAST_RANGE: dict[str, tuple[float, float]] = {"low": (3.0, 16.0), "medium": 
 SOFTNESS_RANGE: dict[str, tuple[float, float]] = {"sharp": (0.0, 0.015), "soft": (0.02, 0.12)}
 #: Fractal outline amplitude (fraction of the radius) per outline word.
 OUTLINE_RANGE: dict[str, tuple[float, float]] = {"smooth": (0.0, 0.05), "ragged": (0.08, 0.3)}
+#: Smallest contrast per contrast word in units of the surface's own spread around the defect
+#: (`blending.texture_contrast`): a "high contrast" defect stands out even on a busy surface, a "low"
+#: one may hide in it (real faint defects do).
+SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 0.7, "high": 1.4}
 #: Modulation depth of the interior per interior word.
-INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.2, 0.45), "textured": (0.3, 0.7)}
+INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
 WIDTH_RANGE = (0.02, 0.25)
 #: Interior texture sources.
@@ -54,8 +59,8 @@ GAIN_LIMITS: dict[str, tuple[float, float]] = {
     "blob": (0.04, 6.0),
     "line": (0.04, 6.0),
     "hole": (0.04, 6.0),
-    "deformation": (0.15, 3.0),
-    "texture": (0.15, 3.0),
+    "deformation": (0.15, 1.5),
+    "texture": (0.15, 2.0),
     "missing": (0.5, 1.5),
 }
 
@@ -78,6 +83,7 @@ class Look:
     extent_frac: float
     width_frac: float
     contrast: float
+    surface_floor: float
     softness_frac: float
     ragged: float
     interior: str
@@ -112,6 +118,7 @@ def sample_look(spec: DefectSpec, rng: np.random.Generator, *, is_texture: bool,
         extent_frac=_log_uniform(*size, u[0]),
         width_frac=_log_uniform(*WIDTH_RANGE, u[1]),
         contrast=_log_uniform(*contrast, u[2]) * strength,
+        surface_floor=0.0 if "contrast" in unstated else SURFACE_FLOOR.get(spec.contrast, 0.0) * strength,
         softness_frac=float(soft[0] + (soft[1] - soft[0]) * u[3]),
         ragged=float(ragged[0] + (ragged[1] - ragged[0]) * u[4]),
         interior=INTERIOR_KINDS[int(u[5] * len(INTERIOR_KINDS)) % len(INTERIOR_KINDS)],
@@ -226,8 +233,9 @@ def finish_stamp(
     family: str,
     extent: float,
     camera_sigma: float,
+    surface: np.ndarray,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Apply what every family shares to one rendered defect.
 
     Order: the texture disturbance (texture surfaces) joins the family's change; the interior modulation
@@ -243,12 +251,12 @@ def finish_stamp(
         family: The family that drew it (sets the gain limits and how much interior modulation applies).
         extent: The defect's extent in pixels.
         camera_sigma: Extra blur (px) that brings the rendering to the input's sharpness.
+        surface: The input's window with its detail (float RGB): the surface spread a "medium" or "high"
+            contrast must stand out from is measured on it.
         rng: Source of randomness.
 
     Returns:
-        (finished window; the same without the interior modulation, the defect's envelope, from which
-        its region is cut, so that a strongly textured interior does not break the region into pieces;
-        coverage widened by the blur; info).
+        (finished window, coverage widened by the blur, info).
     """
     change = np.asarray(after, np.float32) - before
     a = np.clip(alpha, 0, 1).astype(np.float32)
@@ -260,21 +268,21 @@ def finish_stamp(
     moved = family in ("deformation", "texture", "missing")
     amp = look.interior_amp * (0.5 if moved else 1.0)
     field = interior_field(look.interior, before, a, extent, rng)
-    envelope = change
-    change = change * np.clip(1.0 + amp * field, 0.15, 2.0)[..., None]
+    # Never below 60% of the envelope: the interior varies, but does not punch holes into the defect.
+    change = change * np.clip(1.0 + amp * field, 0.6, 1.6)[..., None]
     sigma = float(np.hypot(look.softness_frac * extent, camera_sigma))
     if sigma > 0.05:
-        change, envelope = blur_change(change, sigma), blur_change(envelope, sigma)
+        change = blur_change(change, sigma)
         a = np.maximum(a, blur_change(a, sigma))
     inside = a >= 0.5
     # Max-channel change: a hue shift of a named colour counts as much as a brightness change.
     strength = float(np.abs(change).max(axis=-1)[inside].mean()) if inside.any() else 0.0
     lo, hi = GAIN_LIMITS.get(family, (0.1, 4.0))
-    gain = float(np.clip(look.contrast / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
+    target = max(look.contrast, look.surface_floor * texture_contrast(surface, a)) if look.surface_floor else look.contrast
+    gain = float(np.clip(target / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
     out = np.clip(before + change * gain, 0, 255).astype(np.float32)
-    envelope = np.clip(before + envelope * gain, 0, 255).astype(np.float32)
-    info.update({"blur_sigma_px": round(sigma, 2), "contrast_gain": round(gain, 3)})
-    return out, envelope, a, info
+    info.update({"blur_sigma_px": round(sigma, 2), "contrast_target": round(target, 2), "contrast_gain": round(gain, 3)})
+    return out, a, info
 
 
 __all__ = [

@@ -80,8 +80,9 @@ FALLBACKS: dict[str, tuple[str, str]] = {
 }
 
 #: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels
-#: (the change is measured on the noise-free low-pass layer, so a faint defect's pixels still count)...
-VISIBLE_LEVEL = 1.0
+#: (outside the defects the engine leaves every pixel as it was, so a faint defect's pixels still
+#: count; MG's change mask uses the same level for such exact edits)...
+VISIBLE_LEVEL = 1.5
 #: ...and half the defect's typical change (75th percentile of its substantial changes where
 #: alpha ≥ 0.5). This is the half-maximum convention: a defect's extent ends where its effect has
 #: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
@@ -288,6 +289,7 @@ class ProceduralEngine:
         if fallback:
             info["fallback"] = fallback
         region = np.zeros(fg.shape, bool)
+        drawn: list[tuple[tuple[slice, slice], np.ndarray, dict[str, Any]]] = []
         for _ in range(spec.count):
             look = sample_look(draw_spec, look_rng, is_texture=request.is_texture, strength=params.strength)
             canvas.look = look
@@ -304,7 +306,7 @@ class ProceduralEngine:
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
             extent = max(1.5, look.extent_frac * params.extent * canvas.diameter)
-            out, envelope, alpha, finished = finish_stamp(
+            out, alpha, finished = finish_stamp(
                 before,
                 stamp.image,
                 stamp.alpha,
@@ -312,21 +314,26 @@ class ProceduralEngine:
                 family=draw_spec.family,
                 extent=extent,
                 camera_sigma=camera_sigma,
+                surface=before + detail[win],
                 rng=look_rng,
             )
             stamp.alpha = alpha
-            mine = defect_region(before, envelope, stamp.alpha)
-            region[win] |= mine
-            stamp.info["area_px"] = int(mine.sum())
             stamp.info["box"] = list(stamp.box)
             stamp.info["look"] = look.as_info() | finished
             info["defects"].append(stamp.info)
+            drawn.append((win, alpha, stamp.info))
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
             if stamp.background is not None:
                 borrow_background_detail(detail, canvas.foreground, stamp.box, stamp.background)
         # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
         edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
+        # Each defect's region is cut from the delivered pixels (before any JPEG pass, whose block noise
+        # is no part of the defect), so that it is exactly what a difference of the two images shows.
+        for win, alpha, stamp_info in drawn:
+            mine = defect_region(image[win].astype(np.float32), edited[win].astype(np.float32), alpha)
+            region[win] |= mine
+            stamp_info["area_px"] = int(mine.sum())
         if request.jpeg_quality is not None:
             settings = JpegSettings(request.jpeg_quality, request.jpeg_subsampling)
             edited = recompress_blocks(edited, (edited != image).any(axis=-1), settings)
