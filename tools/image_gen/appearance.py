@@ -43,7 +43,7 @@ OUTLINE_RANGE: dict[str, tuple[float, float]] = {"smooth": (0.0, 0.05), "ragged"
 #: Smallest contrast per contrast word in units of the surface's own spread around the defect
 #: (`blending.texture_contrast`): a "high contrast" defect stands out even on a busy surface, a "low"
 #: one may hide in it (real faint defects do).
-SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 0.7, "high": 1.4}
+SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 1.2, "high": 1.55}
 #: Modulation depth of the interior per interior word.
 INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
@@ -280,7 +280,14 @@ def finish_stamp(
     lo, hi = GAIN_LIMITS.get(family, (0.1, 4.0))
     target = max(look.contrast, look.surface_floor * texture_contrast(surface, a)) if look.surface_floor else look.contrast
     gain = float(np.clip(target / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
-    out = np.clip(before + change * gain, 0, 255).astype(np.float32)
+    out = before + change * gain
+    if gain > 1.0:
+        # Amplify within the colours already there (the surface's and the rendering's own, with a little
+        # room): scaling a hue shift up must not run off into a saturated primary.
+        lo = np.minimum(before.reshape(-1, 3).min(axis=0), np.asarray(after).reshape(-1, 3).min(axis=0)) - 25.0
+        hi = np.maximum(before.reshape(-1, 3).max(axis=0), np.asarray(after).reshape(-1, 3).max(axis=0)) + 25.0
+        out = np.clip(out, lo, hi)
+    out = np.clip(out, 0, 255).astype(np.float32)
     info.update({"blur_sigma_px": round(sigma, 2), "contrast_target": round(target, 2), "contrast_gain": round(gain, 3)})
     return out, a, info
 

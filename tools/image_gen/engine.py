@@ -305,7 +305,7 @@ class ProceduralEngine:
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
-            extent = max(1.5, look.extent_frac * params.extent * canvas.diameter)
+            extent = canvas.extent(draw_spec.size, look_rng)
             out, alpha, finished = finish_stamp(
                 before,
                 stamp.image,
