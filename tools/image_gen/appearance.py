@@ -47,7 +47,7 @@ SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 1.2, "high": 1.55}
 #: Modulation depth of the interior per interior word.
 INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
-WIDTH_RANGE = (0.02, 0.25)
+WIDTH_RANGE = (0.02, 0.3)
 #: Interior texture sources.
 INTERIOR_KINDS = ("fractal", "material", "displaced")
 #: Local texture-statistics disturbances drawn on texture surfaces (weave or grain distortion, local
@@ -116,7 +116,9 @@ def sample_look(spec: DefectSpec, rng: np.random.Generator, *, is_texture: bool,
     interior = _word_range(INTERIOR_RANGE, spec.interior)
     return Look(
         extent_frac=_log_uniform(*size, u[0]),
-        width_frac=_log_uniform(*WIDTH_RANGE, u[1]),
+        # Bigger lines tend to be broader too (a gouge, not a longer hairline): the width's quantile leans
+        # on the size's.
+        width_frac=_log_uniform(*WIDTH_RANGE, 0.5 * (u[0] + u[1])),
         contrast=_log_uniform(*contrast, u[2]) * strength,
         surface_floor=0.0 if "contrast" in unstated else SURFACE_FLOOR.get(spec.contrast, 0.0) * strength,
         softness_frac=float(soft[0] + (soft[1] - soft[0]) * u[3]),
@@ -238,10 +240,10 @@ def finish_stamp(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Apply what every family shares to one rendered defect.
 
-    Order: the texture disturbance (texture surfaces) joins the family's change; the interior modulation
-    varies the change inside; the change is blurred by the look's softness and the camera's blur; last,
-    the change is scaled so that its mean luminance change where alpha ≥ 0.5 is the look's contrast
-    (within the family's gain limits).
+    Order: the interior modulation varies the change inside; a drawn change is blurred by the look's
+    softness and the camera's blur; the texture disturbance (texture surfaces) joins it; last, the change
+    is scaled so that its mean change where alpha ≥ 0.5 is the look's contrast (within the family's gain
+    limits, and within the colours already present when it is amplified).
 
     Args:
         before: The low-pass window the renderer drew on (float RGB).
@@ -261,19 +263,22 @@ def finish_stamp(
     change = np.asarray(after, np.float32) - before
     a = np.clip(alpha, 0, 1).astype(np.float32)
     info: dict[str, Any] = {}
-    if look.texture_op and family != "missing":
-        disturbed = disturb_texture(before, a, look.texture_op, extent, rng)
-        change = change + (disturbed - before) * a[..., None]
-        info["texture_op"] = look.texture_op
-    moved = family in ("deformation", "texture", "missing")
-    amp = look.interior_amp * (0.5 if moved else 1.0)
+    # Moved or transplanted pixels (deformation, texture, missing) already carry structure: half the depth.
+    amp = look.interior_amp * (0.5 if family in ("deformation", "texture", "missing") else 1.0)
     field = interior_field(look.interior, before, a, extent, rng)
     # Never below 60% of the envelope: the interior varies, but does not punch holes into the defect.
     change = change * np.clip(1.0 + amp * field, 0.6, 1.6)[..., None]
+    # The change is brought to the camera's sharpness and the look's softness (the input's own detail is
+    # added back afterwards, sharp as it was).
     sigma = float(np.hypot(look.softness_frac * extent, camera_sigma))
     if sigma > 0.05:
         change = blur_change(change, sigma)
         a = np.maximum(a, blur_change(a, sigma))
+    if look.texture_op and family != "missing":
+        # The surface's own texture, disturbed under the defect: its pixels keep their sharpness.
+        disturbed = disturb_texture(before, a, look.texture_op, extent, rng)
+        change = change + (disturbed - before) * a[..., None]
+        info["texture_op"] = look.texture_op
     inside = a >= 0.5
     # Max-channel change: a hue shift of a named colour counts as much as a brightness change.
     strength = float(np.abs(change).max(axis=-1)[inside].mean()) if inside.any() else 0.0

@@ -131,35 +131,6 @@ def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigm
     return ndi.binary_fill_holes(visible)
 
 
-def borrow_background_detail(
-    detail: np.ndarray, foreground: np.ndarray, box: tuple[int, int, int, int], weight: np.ndarray
-) -> None:
-    """Where `weight` says the product is gone, give `detail` (in place) the background's own detail.
-
-    Each such pixel takes the detail of its mirror image across the nearest outline point, which lies in
-    the background at the same distance: the background's noise and grain, without repeating a pixel.
-    Mirror points that fall off the image or on the product take the nearest background pixel's detail.
-    """
-    x0, y0, x1, y1 = box
-    h, w = foreground.shape
-    pad = max(x1 - x0, y1 - y0)
-    px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
-    fg = foreground[py0:py1, px0:px1]
-    if fg.all():
-        return
-    _, (iy, ix) = ndi.distance_transform_edt(fg, return_indices=True)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    ny, nx = iy[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + py0, ix[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + px0
-    my, mx = 2 * ny - yy, 2 * nx - xx
-    ok = (my >= 0) & (my < h) & (mx >= 0) & (mx < w)
-    my, mx = np.where(ok, my, ny), np.where(ok, mx, nx)
-    on_product = foreground[my, mx]
-    my, mx = np.where(on_product, ny, my), np.where(on_product, nx, mx)
-    borrowed = detail[my, mx]
-    wgt = np.clip(weight, 0, 1)[..., None]
-    detail[y0:y1, x0:x1] = detail[y0:y1, x0:x1] * (1 - wgt) + borrowed * wgt
-
-
 def _plain(value: Any) -> Any:
     """`value` with numpy scalars turned into Python ones (the info goes into JSON and checkpoints)."""
     if isinstance(value, dict):
@@ -293,15 +264,7 @@ class ProceduralEngine:
         for _ in range(spec.count):
             look = sample_look(draw_spec, look_rng, is_texture=request.is_texture, strength=params.strength)
             canvas.look = look
-            try:
-                stamp = renderer(canvas, draw_spec, rng)
-            except NotApplicable as exc:
-                fam, shape = FALLBACKS[draw_spec.family]
-                logger.info("%s cannot draw here (%s); falling back to %s", draw_spec.shape, exc, shape)
-                info["fallback"] = f"{draw_spec.family}->{fam}:{shape} ({exc})"
-                draw_spec = draw_spec.model_copy(update={"family": fam, "shape": shape})
-                renderer = RENDERERS[fam]
-                stamp = renderer(canvas, draw_spec, rng)
+            stamp, draw_spec, renderer = self._draw(canvas, draw_spec, renderer, rng, info)
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
@@ -324,8 +287,6 @@ class ProceduralEngine:
             drawn.append((win, alpha, stamp.info))
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
-            if stamp.background is not None:
-                borrow_background_detail(detail, canvas.foreground, stamp.box, stamp.background)
         # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
         edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
         # Each defect's region is cut from the delivered pixels (before any JPEG pass, whose block noise
@@ -344,6 +305,21 @@ class ProceduralEngine:
                 "the %s came out invisible (seed %d); the region is empty", spec.shape, request.seed
             )
         return GenerationResult(image=edited, region=region, spec=spec, info=_plain(info))
+
+    @staticmethod
+    def _draw(
+        canvas: Canvas, spec: DefectSpec, renderer: Renderer, rng: np.random.Generator, info: dict[str, Any]
+    ) -> tuple[Stamp, DefectSpec, Renderer]:
+        """Run the renderer, or its family's fallback when it declines the image (noted in `info`)."""
+        try:
+            return renderer(canvas, spec, rng), spec, renderer
+        except NotApplicable as exc:
+            fam, shape = FALLBACKS[spec.family]
+            logger.info("%s cannot draw here (%s); falling back to %s", spec.shape, exc, shape)
+            info["fallback"] = f"{spec.family}->{fam}:{shape} ({exc})"
+            spec = spec.model_copy(update={"family": fam, "shape": shape})
+            renderer = RENDERERS[fam]
+            return renderer(canvas, spec, rng), spec, renderer
 
     @staticmethod
     def _renderer_for(spec: DefectSpec) -> tuple[DefectSpec, Renderer, str | None]:
