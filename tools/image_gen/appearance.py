@@ -47,7 +47,7 @@ SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 1.2, "high": 1.55}
 #: Modulation depth of the interior per interior word.
 INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
-WIDTH_RANGE = (0.02, 0.3)
+WIDTH_RANGE = (0.02, 0.2)
 #: Interior texture sources.
 INTERIOR_KINDS = ("fractal", "material", "displaced")
 #: Local texture-statistics disturbances drawn on texture surfaces (weave or grain distortion, local
@@ -59,9 +59,9 @@ GAIN_LIMITS: dict[str, tuple[float, float]] = {
     "blob": (0.04, 6.0),
     "line": (0.04, 6.0),
     "hole": (0.04, 6.0),
-    "deformation": (0.15, 1.5),
-    "texture": (0.15, 2.0),
-    "missing": (0.5, 1.5),
+    "deformation": (0.15, 1.0),
+    "texture": (0.15, 1.0),
+    "missing": (0.5, 1.0),
 }
 
 
@@ -236,6 +236,7 @@ def finish_stamp(
     extent: float,
     camera_sigma: float,
     surface: np.ndarray,
+    thickness: float | None = None,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Apply what every family shares to one rendered defect.
@@ -255,6 +256,8 @@ def finish_stamp(
         camera_sigma: Extra blur (px) that brings the rendering to the input's sharpness.
         surface: The input's window with its detail (float RGB): the surface spread a "medium" or "high"
             contrast must stand out from is measured on it.
+        thickness: The scale edge softness is relative to when it is not the extent (a line's width
+            times a few: a soft scratch is blurred across, not along, its length).
         rng: Source of randomness.
 
     Returns:
@@ -270,7 +273,7 @@ def finish_stamp(
     change = change * np.clip(1.0 + amp * field, 0.6, 1.6)[..., None]
     # The change is brought to the camera's sharpness and the look's softness (the input's own detail is
     # added back afterwards, sharp as it was).
-    sigma = float(np.hypot(look.softness_frac * extent, camera_sigma))
+    sigma = float(np.hypot(look.softness_frac * (thickness or extent), camera_sigma))
     if sigma > 0.05:
         change = blur_change(change, sigma)
         a = np.maximum(a, blur_change(a, sigma))
@@ -285,13 +288,18 @@ def finish_stamp(
     lo, hi = GAIN_LIMITS.get(family, (0.1, 4.0))
     target = max(look.contrast, look.surface_floor * texture_contrast(surface, a)) if look.surface_floor else look.contrast
     gain = float(np.clip(target / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
-    out = before + change * gain
     if gain > 1.0:
         # Amplify within the colours already there (the surface's and the rendering's own, with a little
-        # room): scaling a hue shift up must not run off into a saturated primary.
-        lo = np.minimum(before.reshape(-1, 3).min(axis=0), np.asarray(after).reshape(-1, 3).min(axis=0)) - 25.0
-        hi = np.maximum(before.reshape(-1, 3).max(axis=0), np.asarray(after).reshape(-1, 3).max(axis=0)) + 25.0
-        out = np.clip(out, lo, hi)
+        # room), with one factor for all channels of a pixel: scaling a hue shift up must neither run off
+        # into a saturated primary nor turn into another hue.
+        flat_b, flat_a = before.reshape(-1, 3), np.asarray(after, np.float32).reshape(-1, 3)
+        lo = np.minimum(flat_b.min(axis=0), flat_a.min(axis=0)) - 25.0
+        hi = np.maximum(flat_b.max(axis=0), flat_a.max(axis=0)) + 25.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(change > 1e-6, (hi - before) / change, np.where(change < -1e-6, (lo - before) / change, np.inf))
+        out = before + change * np.clip(np.minimum(gain, room.min(axis=-1)), 0.0, None)[..., None]
+    else:
+        out = before + change * gain
     out = np.clip(out, 0, 255).astype(np.float32)
     info.update({"blur_sigma_px": round(sigma, 2), "contrast_target": round(target, 2), "contrast_gain": round(gain, 3)})
     return out, a, info

@@ -278,6 +278,7 @@ class ProceduralEngine:
                 extent=extent,
                 camera_sigma=camera_sigma,
                 surface=before + detail[win],
+                thickness=3.0 * stamp.info["width_px"] if draw_spec.family == "line" and "width_px" in stamp.info else None,
                 rng=look_rng,
             )
             stamp.alpha = alpha
