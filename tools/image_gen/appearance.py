@@ -59,9 +59,9 @@ GAIN_LIMITS: dict[str, tuple[float, float]] = {
     "blob": (0.04, 6.0),
     "line": (0.04, 6.0),
     "hole": (0.04, 6.0),
-    "deformation": (0.15, 1.0),
-    "texture": (0.15, 1.0),
-    "missing": (0.5, 1.0),
+    "deformation": (0.15, 1.5),
+    "texture": (0.15, 1.5),
+    "missing": (0.5, 1.5),
 }
 
 

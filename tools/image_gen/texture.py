@@ -109,7 +109,9 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
     layer = change_luminance(layer, np.ones(sub.shape, np.float32), sign * delta)
     # Slightly different grain: a touch of blur on the transplanted structure.
     layer = ndi.gaussian_filter(layer, (0.4, 0.4, 0))
-    mode = str(rng.choice(MODES, p=MODE_WEIGHTS))
+    # In-place disturbances need a texture to disturb; a smooth product gets a transplant or a material.
+    modes, weights = (MODES, MODE_WEIGHTS) if canvas.is_texture else (MODES[:2], (0.6, 0.4))
+    mode = str(rng.choice(modes, p=weights))
     if mode == "foreign":
         # A material this surface is not made of, at the surface's own spread, over its local mean.
         spread = max(float(luminance(sub.image).std()), 6.0)
