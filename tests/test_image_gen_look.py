@@ -165,3 +165,17 @@ def test_mg_uses_the_engines_region_for_a_faint_defect_and_falls_back_without_on
 def test_noise_estimate_follows_the_added_noise() -> None:
     clean = sample_image("capsule", 0)
     assert estimate_noise(_noisy("capsule", 6.0)) > estimate_noise(_noisy("capsule", 2.0)) > estimate_noise(clean)
+
+
+def test_a_jpeg_input_reaches_the_engine_through_a_run_and_mg_masks_the_engines_region(tmp_path) -> None:
+    import json
+
+    from graph.cli import main
+
+    path = tmp_path / "carpet.jpg"
+    Image.fromarray(sample_image("carpet", 0)).save(path, quality=85)
+    assert main(["synthesize", "--image", str(path), "--category", "carpet", "--anomaly-type", "hole",
+                 "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert [g["info"]["jpeg_quality"] for g in record["generations"].values()] == [85] * len(record["generations"])
+    assert record["final"]["mask_iou"] == 1.0

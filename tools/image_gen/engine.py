@@ -249,11 +249,9 @@ class ProceduralEngine:
             "light_xy": [round(v, 3) for v in canvas.light],
             "foreground_fraction": round(float(fg.mean()), 4),
             "foreground_diameter_px": round(canvas.diameter, 1),
-            "camera": {
-                "noise_sigma": round(estimate_noise(image), 2),
-                "blur_sigma_px": round(blur, 2),
-                "jpeg_quality": request.jpeg_quality,
-            },
+            "camera_noise_sigma": round(estimate_noise(image), 2),
+            "camera_blur_px": round(blur, 2),
+            "jpeg_quality": request.jpeg_quality,
             "defects": [],
         }
         draw_spec, renderer, fallback = self._renderer_for(spec)
