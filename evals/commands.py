@@ -124,6 +124,18 @@ def bench_scale(argv: list[str]) -> int | None:
     return main(argv)
 
 
+def bench_diversity(argv: list[str]) -> int | None:
+    from evals.bench_diversity import main
+
+    return main(argv)
+
+
+def bench_camera(argv: list[str]) -> int | None:
+    from evals.bench_camera import main
+
+    return main(argv)
+
+
 def register(sub: Any) -> None:
     """Add the evaluation commands to the `anomaly-agent` subcommands `sub`."""
     from evals.eval_cli import add_arguments as add_eval_generator_arguments
@@ -147,5 +159,9 @@ def register(sub: Any) -> None:
                     bench_contact_sheets)
     add_passthrough(bench, "gpu-backends", "the production image backends' time and GPU memory per sample",
                     bench_gpu_backends)
+    add_passthrough(bench, "diversity", "per defect type: spread of mask area, contrast and outline irregularity",
+                    bench_diversity)
+    add_passthrough(bench, "camera", "per family: noise and JPEG-blockiness ratio inside a defect vs a ring around it",
+                    bench_camera)
     add_passthrough(bench, "scale", "samples/s of the process pool and of Ray (1 and 2 workers), Ray's cost per sample",
                     bench_scale)
