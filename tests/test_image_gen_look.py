@@ -170,7 +170,7 @@ def test_noise_estimate_follows_the_added_noise() -> None:
 def test_a_jpeg_input_reaches_the_engine_through_a_run_and_mg_masks_the_engines_region(tmp_path) -> None:
     import json
 
-    from graph.cli import main
+    from anomaly_agent_cli import main
 
     path = tmp_path / "carpet.jpg"
     Image.fromarray(sample_image("carpet", 0)).save(path, quality=85)
