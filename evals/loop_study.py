@@ -193,6 +193,7 @@ def summarize(rows: list[dict], out=sys.stdout) -> dict:
         print(f"{condition:<10} {entry['runs']:>5} {100 * entry['open_pass']:>9.1f}% {100 * entry['closed_pass']:>11.1f}% "
               f"{entry['refined']:>8} {entry['improved']:>9} {entry['first']:>9.2f} {entry['last']:>8.2f} "
               f"{entry['seconds']:>6.2f}", file=out)
+    table["per_family"] = per_family_table(rows, out)
     default = [r for r in rows if r["condition"] == "default" and r.get("mask_iou") is not None]
     if default:
         families = sorted({r["family"] for r in default})
@@ -202,6 +203,31 @@ def summarize(rows: list[dict], out=sys.stdout) -> dict:
               + f"; mean over families {statistics.fmean(per_family.values()):.3f}", file=out)
         table["mask_iou_per_family"] = per_family
     return table
+
+
+def per_family_table(rows: list[dict], out=sys.stdout) -> dict:
+    """Per condition and family: first attempts that failed QE, refinements that raised the score, and
+    the mean QE score of the first and the last attempt (over the refined runs, where the loop acted)."""
+    result: dict = {}
+    print(f"{'condition':<10} {'family':<12} {'runs':>5} {'first failed':>13} {'refined':>8} {'raised':>7} "
+          f"{'first (refined)':>16} {'last (refined)':>15}", file=out)
+    for condition in dict.fromkeys(r["condition"] for r in rows):
+        for family in sorted({r["family"] for r in rows if r["condition"] == condition}):
+            rs = [r for r in rows if r["condition"] == condition and r["family"] == family]
+            refined = [r for r in rs if r["attempts"] > 1]
+            entry = {
+                "runs": len(rs),
+                "first_failed": sum(not r["open_pass"] for r in rs),
+                "refined": len(refined),
+                "raised": sum(r["last"] > r["first"] for r in refined),
+                "first": statistics.fmean(r["first"] for r in refined) if refined else None,
+                "last": statistics.fmean(r["last"] for r in refined) if refined else None,
+            }
+            result[(condition, family)] = entry
+            scores = (f"{entry['first']:>16.2f} {entry['last']:>15.2f}" if refined else f"{'-':>16} {'-':>15}")
+            print(f"{condition:<10} {family:<12} {entry['runs']:>5} {entry['first_failed']:>13} {entry['refined']:>8} "
+                  f"{entry['raised']:>7} {scores}", file=out)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color
 
+from tools.image_gen.camera import residual_ratio, ring
 from tools.foreground import estimate_foreground, foreground_diameter
 from tools.mask_gen import change_mask
 from tools.types import Evaluation, EvaluationRequest
@@ -51,6 +52,16 @@ _MAX_AREA = {"tiny": 0.012, "small": 0.025, "medium": 0.05, "large": 0.09}
 _MAX_EXTENT = {"tiny": 0.25, "small": 0.35, "medium": 0.45, "large": 0.6}
 #: Smallest area that reads as a defect at inspection scale, relative to the object.
 MIN_AREA = 0.0004
+#: Noise ratio (inside over ring, relative to the normal image's) that passes: outside it a detector sees
+#: a denoised, blurred or foreign-noise patch.
+NOISE_BAND = (0.7, 1.45)
+#: The same for 8x8 JPEG blockiness on JPEG inputs.
+BLOCK_BAND = (0.7, 1.5)
+#: Interior texture (relative to the ring's, normal-relative) below which the inside reads as a flat fill
+#: (fully flat at the first value, fine from the second).
+FLAT_INTERIOR = (0.3, 0.5)
+#: Seam energy (outline over the bands beside it) from which a soft defect's edge reads as pasted.
+SEAM_ENERGY = (6.0, 20.0)
 
 
 @dataclass
@@ -186,6 +197,8 @@ class MetricJudge:
             "luma": luma,
             "lab": lab,
             "highpass": luma - ndi.gaussian_filter(luma, 1.5),
+            "noise": float(_robust_std(_noise_residual(luma)[fg])) if fg.any() else 0.0,
+            "blocky": _blocky(luma),
             "features": {},
         }
         self._cache[key] = facts
@@ -282,6 +295,7 @@ class MetricJudge:
                 d["texture_kept"] = float(np.std(hp_e[interior])) / sn * brightness
                 a, b = hp_n[interior], hp_e[interior]
                 d["texture_corr"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+        d.update(_camera_measures(facts, normal, edited, defect))
         if self.use_features:
             d.update(self._feature_measures(normal, edited, defect, facts))
         return d
@@ -393,16 +407,22 @@ class MetricJudge:
         if hard is not None:
             soft = spec.family in _SOFT_FAMILIES and spec.shape not in _CRISP_SHAPES
             seam = _ramp(hard, 0.55, 0.8) if soft else _ramp(hard, 0.8, 0.92)
+            if soft:
+                seam = max(seam, _ramp(d.get("seam_energy", 0.0), SEAM_ENERGY[0], SEAM_ENERGY[1]))
             if seam > 0:
                 out.append(_Finding("quality", 3.0 * seam + 0.5, "A hard pasted seam outlines the defect.",
                                     [Fix(attribute="softness", value="soft")]))
         kept = d.get("texture_kept")
+        flat = 0.0
         if (kept is not None and spec.family in _TEXTURE_KEEPING and spec.shape not in _CRISP_SHAPES | {"glue"}
                 and d.get("texture_normal", 0) > 3.0):
             flat = 1.0 - _ramp(kept, 0.2, 0.45)
-            if flat > 0:
-                out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
-                                    [Fix(attribute="softness", value="soft")]))
+        if d.get("interior_texture") is not None and spec.family != "line":
+            flat = max(flat, 1.0 - _ramp(d["interior_texture"], FLAT_INTERIOR[0], FLAT_INTERIOR[1]))
+        if flat > 0:
+            out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
+                                [Fix(attribute="interior", value="textured")]))
+        out += _camera_findings(d)
         # Outside: pixels or features changed away from the defect.
         outside = max(_ramp(d["outside_level"], 1.0, 3.0), _ramp(d["outside_fraction"], 0.01, 0.05),
                       _ramp(d.get("feat_outside_0", 0.0), 0.01, 0.04))
@@ -410,6 +430,116 @@ class MetricJudge:
             out.append(_Finding("quality", 4.0 * outside + 0.5,
                                 "Pixels outside the defect changed; the rest of the image must stay as it was."))
         return out
+
+
+def _camera_findings(d: dict[str, float]) -> list[_Finding]:
+    """Noise, blur and compression that differ inside the defect from around it: a cue only synthetic
+    defects carry (a detector learns it instead of the defect)."""
+    out: list[_Finding] = []
+    noise = d.get("noise_mismatch")
+    if noise is not None:
+        off = max(_ramp(NOISE_BAND[0] / max(noise, 1e-3), 1.0, 1.6), _ramp(noise / NOISE_BAND[1], 1.0, 1.6))
+        if off > 0:
+            how = "cleaner or blurrier" if noise < 1 else "noisier"
+            out.append(_Finding("quality", 3.0 * off + 0.5,
+                                f"Camera mismatch: the defect is {how} than its surroundings (noise ratio {noise:.2f}).",
+                                [Fix(attribute="noise", value="match")]))
+    blocks = d.get("blockiness_mismatch")
+    if blocks is not None:
+        off = max(_ramp(BLOCK_BAND[0] / max(blocks, 1e-3), 1.0, 1.5), _ramp(blocks / BLOCK_BAND[1], 1.0, 1.5))
+        if off > 0:
+            out.append(_Finding("quality", 3.0 * off + 0.5,
+                                f"Compression mismatch: the defect's JPEG blocking differs from the image's (ratio {blocks:.2f}).",
+                                [Fix(attribute="noise", value="match")]))
+    return out
+
+
+def _camera_measures(facts: dict, normal: np.ndarray, edited: np.ndarray, defect: np.ndarray) -> dict[str, float]:
+    """What a detector would key on besides the defect itself.
+
+    Each mismatch is a ratio inside the defect over a ring just outside it in the edit, divided by the
+    same ratio in the normal image (so a defect that happens to sit on a smoother or busier spot is not
+    blamed): sensor noise (the finest residual), texture (a band-pass residual), and on JPEG-like inputs
+    8x8 blockiness; plus the seam energy of the change at the outline. 1.0 is a perfect match.
+    """
+    out: dict[str, float] = {"seam_energy": _seam_energy(_luma(edited) - facts["luma"], defect)}
+    interior = ndi.binary_erosion(defect, iterations=1)
+    band = ring(interior) & facts["fg_near"]
+    if interior.sum() < 20 or band.sum() < 20:
+        return out
+    out["noise_normal"] = facts["noise"]
+    if facts["noise"] >= 0.8:
+        res_e, res_n = _noise_residual(_luma(edited)), _noise_residual(facts["luma"])
+        ratio_e = _robust_std(res_e[interior]) / max(_robust_std(res_e[band]), 1e-3)
+        ratio_n = _robust_std(res_n[interior]) / max(_robust_std(res_n[band]), 1e-3)
+        out["noise_mismatch"] = ratio_e / max(ratio_n, 1e-3)
+    texture_e, texture_n = residual_ratio(edited, interior, 1.5), residual_ratio(normal, interior, 1.5)
+    if texture_e is not None and texture_n is not None and _robust_std(facts["highpass"][band]) >= 2.0:
+        out["interior_texture"] = texture_e / max(texture_n, 1e-3)
+    out["blocky_normal"] = facts["blocky"]
+    if facts["blocky"] >= JPEG_BLOCKY:
+        zone = ndi.binary_dilation(interior, iterations=1)
+        luma_e = _luma(edited)
+        ratio_e = _blocky(luma_e, zone) / _blocky(luma_e, band)
+        ratio_n = _blocky(facts["luma"], zone) / _blocky(facts["luma"], band)
+        out["blockiness_mismatch"] = ratio_e / max(ratio_n, 1e-3)
+    return out
+
+
+#: Immerkær's noise kernel (two Laplacians' difference, blind to linear ramps); its response to white
+#: noise of std s has std 6 s.
+_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32) / 6.0
+#: Global 8x8 blocking of a normal image from which it counts as a JPEG (PNG samples measure <= 1.15,
+#: JPEGs of quality 60-90 >= 1.22).
+JPEG_BLOCKY = 1.2
+
+
+def _noise_residual(luma: np.ndarray) -> np.ndarray:
+    """The finest-scale residual, scaled so that its std is that of additive white noise."""
+    return ndi.convolve(luma, _NOISE_KERNEL, mode="reflect")
+
+
+def _robust_std(values: np.ndarray) -> float:
+    """Std from the median absolute value of a zero-mean residual (edges and texture spikes barely move it)."""
+    return float(1.4826 * np.median(np.abs(values))) if values.size else 0.0
+
+
+def _blocky(luma: np.ndarray, where: np.ndarray | None = None) -> float:
+    """8x8 JPEG blocking: the mean second difference of luma centred on the pixels either side of a block
+    border over that elsewhere (1.0: no blocking; second differences ignore smooth shading). With `where`,
+    only differences whose three pixels lie in it count."""
+    d2x = np.abs(luma[:, :-2] - 2 * luma[:, 1:-1] + luma[:, 2:])
+    d2y = np.abs(luma[:-2] - 2 * luma[1:-1] + luma[2:])
+    at_x = np.broadcast_to(np.isin(np.arange(1, luma.shape[1] - 1) % 8, (0, 7))[None, :], d2x.shape)
+    at_y = np.broadcast_to(np.isin(np.arange(1, luma.shape[0] - 1) % 8, (0, 7))[:, None], d2y.shape)
+    ok_x = np.ones(d2x.shape, bool) if where is None else where[:, :-2] & where[:, 1:-1] & where[:, 2:]
+    ok_y = np.ones(d2y.shape, bool) if where is None else where[:-2] & where[1:-1] & where[2:]
+    on = np.concatenate([d2x[ok_x & at_x], d2y[ok_y & at_y]])
+    off = np.concatenate([d2x[ok_x & ~at_x], d2y[ok_y & ~at_y]])
+    if on.size < 16 or off.size < 16:
+        return 1.0
+    return float((on.mean() + 0.1) / (off.mean() + 0.1))
+
+
+def _seam_energy(change: np.ndarray, region: np.ndarray) -> float:
+    """Gradient energy of the change on the region's outline over that just inside or just outside it.
+
+    A change that fades over a few pixels, or varies inside (texture), spreads its gradient over all
+    three bands (ratio near 1-3); a pasted patch puts all of it on the outline (ratio >> 3). 0.0 when
+    the region has no interior band to compare with.
+    """
+    gy, gx = np.gradient(change)
+    energy = gx * gx + gy * gy
+    inside = ndi.distance_transform_edt(region)
+    outside = ndi.distance_transform_edt(~region)
+    outline = ((inside > 0) & (inside <= 1.5)) | ((outside > 0) & (outside <= 1.5))
+    near_in = (inside > 1.5) & (inside <= 4.5)
+    near_out = (outside > 1.5) & (outside <= 4.5)
+    if near_in.sum() < 8 or not outline.any():
+        return 0.0
+    # Each band's typical energy (75th percentile: a few texture spikes do not make a seam).
+    e_near = max(float(np.percentile(energy[near_in], 75)), float(np.percentile(energy[near_out], 75)))
+    return (float(np.percentile(energy[outline], 75)) + 1.0) / (e_near + 1.0)
 
 
 def _named_chroma(colour: str) -> float:
