@@ -133,7 +133,10 @@ def run_condition(condition: str, pairs: list[tuple[str, str]], size: int, per_t
     limit = recursion_limit(Configuration())
     catalog = load_catalog()
     rows = []
-    for k, (category, anomaly_type) in enumerate(pairs):
+    # Each run's seed comes from the pair's place in the whole catalog, so a subset repeats its runs.
+    index = {pair: k for k, pair in enumerate(catalog.pairs())}
+    for category, anomaly_type in pairs:
+        k = index[(category, anomaly_type)]
         is_texture = catalog.category(category).is_texture
         if condition == "blind" and is_texture:
             continue
