@@ -24,6 +24,10 @@ from tools.types import MaskResult
 
 logger = logging.getLogger(__name__)
 
+#: Mean change (levels, max over channels) inside a known region below which it is not trusted as the
+#: mask (the edit did not happen there, e.g. a region passed for another image).
+KNOWN_REGION_MIN_CHANGE = 1.0
+
 
 def _check_pair(normal: np.ndarray, edited: np.ndarray) -> None:
     for name, img in (("normal", normal), ("edited", edited)):
@@ -183,9 +187,35 @@ class ChangeMaskGenerator:
     sigma: float = 0.5
     close_radius: int = 1
 
-    def generate(self, normal: np.ndarray, edited: np.ndarray) -> MaskResult:
-        """The change mask of `edited` against `normal` (see `change_mask`)."""
-        return change_mask(
+    def generate(
+        self, normal: np.ndarray, edited: np.ndarray, known_region: np.ndarray | None = None
+    ) -> MaskResult:
+        """The defect mask of `edited` against `normal`.
+
+        Contract: when the image backend knows the region it changed (the procedural engine does; the
+        graph passes it from the generation's stored `region_id`), that region is the mask, provided the
+        edit really changed it (the pixels inside differ from the normal image by at least
+        `KNOWN_REGION_MIN_CHANGE` levels on average); otherwise, and for backends that do not know their
+        region (inpainters, edit endpoints), the mask is the colour-difference change mask
+        (`change_mask`). Why: a faint defect that carries the image's own noise and JPEG blocking is
+        exactly what a detector should learn from, and exactly what a difference threshold cannot cut
+        out; the engine's region is exact by construction. `info["source"]` says which one was used.
+        """
+        if known_region is not None:
+            region = np.asarray(known_region, bool)
+            _check_pair(normal, edited)
+            if region.shape == normal.shape[:2] and region.any():
+                change = float(difference_map(normal, edited, 0.0)[region].mean())
+                if change >= KNOWN_REGION_MIN_CHANGE:
+                    ys, xs = np.nonzero(region)
+                    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+                    return MaskResult(
+                        mask=region.copy(),
+                        box=box,
+                        info={"source": "engine_region", "mean_change": round(change, 2),
+                              "area_fraction": round(float(region.mean()), 5)},
+                    )
+        result = change_mask(
             normal,
             edited,
             min_area_fraction=self.min_area_fraction,
@@ -194,3 +224,5 @@ class ChangeMaskGenerator:
             sigma=self.sigma,
             close_radius=self.close_radius,
         )
+        result.info["source"] = "change_mask"
+        return result

@@ -5,6 +5,11 @@ knows the true region of every defect it draws, which a diffusion inpainter does
 the instruction with the shared vocabulary, finds the product, picks a family renderer and composes
 `spec.count` defects, each placed on the product in the requested position, away from the others, under
 one light direction.
+
+Every defect gets its own sampled appearance (`appearance.sample_look`: size, contrast, softness, outline,
+interior) and is drawn camera-consistently (`camera`): on the input's low-pass layer, with the input's own
+high-pass detail (noise, grain, block edges) added back everywhere afterwards, blurred to the input's
+sharpness, and, for a JPEG input, with the touched blocks re-encoded at the input's quality.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools.foreground import estimate_foreground, foreground_diameter
-from tools.image_gen.blending import MIN_VISIBLE, Stamp, ensure_visible, max_abs_diff, texture_contrast
+from tools.image_gen.appearance import finish_stamp, sample_look
+from tools.image_gen.blending import Stamp, max_abs_diff
 from tools.image_gen.blob import render_blob
+from tools.image_gen.camera import (
+    RENDER_SIGMA,
+    JpegSettings,
+    estimate_blur,
+    estimate_noise,
+    recompress_blocks,
+    split_detail,
+)
 from tools.image_gen.deformation import render_deformation
 from tools.image_gen.hole import render_hole
 from tools.image_gen.line import render_line
@@ -65,8 +79,9 @@ FALLBACKS: dict[str, tuple[str, str]] = {
     "hole": ("hole", "hole"),
 }
 
-#: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels...
-VISIBLE_LEVEL = 5.0
+#: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels
+#: (the change is measured on the noise-free low-pass layer, so a faint defect's pixels still count)...
+VISIBLE_LEVEL = 1.0
 #: ...and half the defect's typical change (75th percentile of its substantial changes where
 #: alpha ≥ 0.5). This is the half-maximum convention: a defect's extent ends where its effect has
 #: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
@@ -113,6 +128,35 @@ def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigm
         ndi.binary_closing(visible, ndi.generate_binary_structure(2, 1), border_value=0) & core | visible
     )
     return ndi.binary_fill_holes(visible)
+
+
+def borrow_background_detail(
+    detail: np.ndarray, foreground: np.ndarray, box: tuple[int, int, int, int], weight: np.ndarray
+) -> None:
+    """Where `weight` says the product is gone, give `detail` (in place) the background's own detail.
+
+    Each such pixel takes the detail of its mirror image across the nearest outline point, which lies in
+    the background at the same distance: the background's noise and grain, without repeating a pixel.
+    Mirror points that fall off the image or on the product take the nearest background pixel's detail.
+    """
+    x0, y0, x1, y1 = box
+    h, w = foreground.shape
+    pad = max(x1 - x0, y1 - y0)
+    px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    fg = foreground[py0:py1, px0:px1]
+    if fg.all():
+        return
+    _, (iy, ix) = ndi.distance_transform_edt(fg, return_indices=True)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    ny, nx = iy[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + py0, ix[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + px0
+    my, mx = 2 * ny - yy, 2 * nx - xx
+    ok = (my >= 0) & (my < h) & (mx >= 0) & (mx < w)
+    my, mx = np.where(ok, my, ny), np.where(ok, mx, nx)
+    on_product = foreground[my, mx]
+    my, mx = np.where(on_product, ny, my), np.where(on_product, nx, mx)
+    borrowed = detail[my, mx]
+    wgt = np.clip(weight, 0, 1)[..., None]
+    detail[y0:y1, x0:x1] = detail[y0:y1, x0:x1] * (1 - wgt) + borrowed * wgt
 
 
 def _plain(value: Any) -> Any:
@@ -166,7 +210,8 @@ class ProceduralEngine:
                 benchmarks use it to place defects deliberately off the object).
 
         Returns:
-            `GenerationResult` with the edited uint8 image, `region` (bool: pixels that belong to a
+            `GenerationResult` with the edited uint8 image (through the request's JPEG quality when it
+            has one), `region` (bool: pixels that belong to a
             defect and visibly changed), the parsed `spec`, and `info` with the sampled parameters
             (one entry per defect under "defects", plus "fallback" when another family stood in).
         """
@@ -183,6 +228,8 @@ class ProceduralEngine:
             )
         spec = parse_instruction(request.prompt, default_shape=request.default_shape, region=request.region)
         rng = np.random.default_rng(request.seed)
+        # Appearance draws come from their own stream, so a word changes its attribute and nothing else.
+        look_rng = np.random.default_rng([request.seed, 0xD1CE])
         fg, depth = self._foreground(image, request.is_texture)
         diameter = foreground_diameter(fg)  # sizes stay relative to the product even when drawn elsewhere
         if foreground is not None:
@@ -201,8 +248,11 @@ class ProceduralEngine:
             if position == "anywhere":
                 position = region_position(spec.region) or "anywhere"
             allowed = region_mask(fg, position, rng)
+        low, detail = split_detail(image)
+        blur = estimate_blur(image)
+        camera_sigma = float(np.sqrt(max(blur**2 - RENDER_SIGMA**2, 0.0)))
         canvas = Canvas(
-            image=image.astype(np.float32),
+            image=low.copy(),
             foreground=fg,
             allowed=allowed,
             occupied=np.zeros(fg.shape, bool),
@@ -227,6 +277,11 @@ class ProceduralEngine:
             "light_xy": [round(v, 3) for v in canvas.light],
             "foreground_fraction": round(float(fg.mean()), 4),
             "foreground_diameter_px": round(canvas.diameter, 1),
+            "camera": {
+                "noise_sigma": round(estimate_noise(image), 2),
+                "blur_sigma_px": round(blur, 2),
+                "jpeg_quality": request.jpeg_quality,
+            },
             "defects": [],
         }
         draw_spec, renderer, fallback = self._renderer_for(spec)
@@ -234,6 +289,8 @@ class ProceduralEngine:
             info["fallback"] = fallback
         region = np.zeros(fg.shape, bool)
         for _ in range(spec.count):
+            look = sample_look(draw_spec, look_rng, is_texture=request.is_texture, strength=params.strength)
+            canvas.look = look
             try:
                 stamp = renderer(canvas, draw_spec, rng)
             except NotApplicable as exc:
@@ -246,28 +303,33 @@ class ProceduralEngine:
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
-            if params.strength != 1.0:
-                stamp.image = np.clip(before + (stamp.image - before) * params.strength, 0, 255).astype(np.float32)
-            # At least as strong as the surface's own spread, more so for stronger contrast words (so
-            # that the words stay ordered even where every one of them needed a boost).
-            factor = params.min_visibility * {"low": 0.85, "medium": 1.0, "high": 1.3}[draw_spec.contrast]
-            minimum = max(MIN_VISIBLE, factor * texture_contrast(before, stamp.alpha))
-            if draw_spec.family in ("blob", "line", "hole"):
-                out, gain = ensure_visible(before, stamp.image, stamp.alpha, minimum)
-            else:
-                # Moved or transplanted product and re-synthesised background: scaling their change
-                # up would invent colours; these renderers set their own strength.
-                out, gain = stamp.image, 1.0
-            mine = defect_region(before, out, stamp.alpha)
+            extent = max(1.5, look.extent_frac * params.extent * canvas.diameter)
+            out, envelope, alpha, finished = finish_stamp(
+                before,
+                stamp.image,
+                stamp.alpha,
+                look,
+                family=draw_spec.family,
+                extent=extent,
+                camera_sigma=camera_sigma,
+                rng=look_rng,
+            )
+            stamp.alpha = alpha
+            mine = defect_region(before, envelope, stamp.alpha)
             region[win] |= mine
             stamp.info["area_px"] = int(mine.sum())
             stamp.info["box"] = list(stamp.box)
-            if gain != 1.0:
-                stamp.info["visibility_gain"] = round(gain, 2)
+            stamp.info["look"] = look.as_info() | finished
             info["defects"].append(stamp.info)
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
-        edited = np.clip(np.round(canvas.image), 0, 255).astype(np.uint8)
+            if stamp.background is not None:
+                borrow_background_detail(detail, canvas.foreground, stamp.box, stamp.background)
+        # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
+        edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
+        if request.jpeg_quality is not None:
+            settings = JpegSettings(request.jpeg_quality, request.jpeg_subsampling)
+            edited = recompress_blocks(edited, (edited != image).any(axis=-1), settings)
         info["area_fraction"] = round(float(region.mean()), 5)
         info["region_in_foreground"] = round(float((region & fg).sum() / max(region.sum(), 1)), 4)
         if not region.any():

@@ -105,7 +105,7 @@ def render_hole(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
         rng,
         irregularity=0.06 if shape != "poke" else 0.15,
         harmonics=5,
-        roughness=rough,
+        roughness=rough + 0.6 * canvas.ragged,
         aspect=float(rng.uniform(0.8, 1.0)),
         angle=float(rng.uniform(0, np.pi)),
     )

@@ -87,7 +87,7 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         raise NotApplicable("a texture has no background to show through")
     shape = spec.shape if spec.shape in _STYLE else "missing"
     rfac, irr, rough = _STYLE[shape]
-    radius = max(3.0, 0.035 * canvas.diameter, canvas.extent(spec.size, rng) / 2.0 * rfac)
+    radius = max(3.0, canvas.extent(spec.size, rng) / 2.0 * rfac)
     full_centre = _boundary_point(canvas, radius, rng)
     box = canvas.around(full_centre, 2.2 * radius + 6)
     sub = canvas.crop(box)
@@ -99,7 +99,7 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         rng,
         irregularity=irr,
         harmonics=6,
-        roughness=rough,
+        roughness=rough + sub.ragged,
         aspect=float(rng.uniform(0.6, 1.0)),
         angle=float(rng.uniform(0, np.pi)),
     )
@@ -132,5 +132,9 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         "contrast": spec.contrast,
     }
     return Stamp(
-        image=np.clip(out, 0, 255).astype(np.float32), alpha=alpha.astype(np.float32), box=box, info=info
+        image=np.clip(out, 0, 255).astype(np.float32),
+        alpha=alpha.astype(np.float32),
+        box=box,
+        info=info,
+        background=bite.astype(np.float32),
     )

@@ -58,7 +58,7 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
     Returns:
         A `Stamp`; alpha is the patch's feathered outline.
     """
-    radius = max(4.0, canvas.extent(spec.size, rng) / 2.0)
+    radius = max(3.0, canvas.extent(spec.size, rng) / 2.0)
     full_centre = sample_centre(canvas, radius, rng)
     half = int(np.ceil(1.6 * radius)) + 2
     patch, source = _source_patch(canvas, full_centre, half, rng)
@@ -83,7 +83,7 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         rng,
         irregularity=0.18,
         harmonics=5,
-        roughness=0.03,
+        roughness=0.03 + sub.ragged,
         aspect=float(rng.uniform(0.65, 1)),
         angle=float(rng.uniform(0, np.pi)),
     )
