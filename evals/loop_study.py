@@ -22,6 +22,10 @@ in a deliberately flawed backend, each one a failure QE must name and the vocabu
 
 The wrappers replace only the image backend of the toolbox in this process; policy, PG, QE, KR and MG
 are the real ones.
+
+One control separates "better" from "different": *reseed* runs the default backend with a policy that
+keeps the failed instruction word for word on a retry (only IG's seed changes), so whatever the default
+condition gains over it comes from the review's fixes.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("LANGSMITH_TRACING", "false")
 
-CONDITIONS = ("default", "timid", "oversize", "blind")
+CONDITIONS = ("default", "reseed", "timid", "oversize", "blind")
 
 
 class TimidBackend:
@@ -103,12 +107,26 @@ class BlindBackend:
         return self.engine.generate(image, request, foreground=band)
 
 
+#: The scripted policy's own refinement, kept while the reseed control replaces it.
+_ORIGINAL: dict = {}
+
+
+def _keep_prompt(state, evaluation) -> str:
+    """The reseed control's refinement: the failed instruction, word for word."""
+    return state["prompt"]
+
+
 def _install_backend(condition: str) -> None:
-    """Make the graph's toolbox use the condition's image backend (this process only)."""
+    """Make the graph's toolbox use the condition's image backend, and the policy keep or refine a
+    failed instruction (this process only)."""
     import graph.nodes as nodes
     from graph.toolbox import get_toolbox
 
-    if condition == "default":
+    import graph.policies.scripted as scripted
+
+    _ORIGINAL.setdefault("refine_prompt", scripted.refine_prompt)
+    scripted.refine_prompt = _keep_prompt if condition == "reseed" else _ORIGINAL["refine_prompt"]
+    if condition in ("default", "reseed"):
         nodes.get_toolbox = get_toolbox
         return
     wrapper = {"timid": TimidBackend, "oversize": OversizeBackend, "blind": BlindBackend}[condition]

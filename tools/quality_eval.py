@@ -59,7 +59,7 @@ NOISE_BAND = (0.7, 1.45)
 BLOCK_BAND = (0.7, 1.5)
 #: Interior texture (relative to the ring's, normal-relative) below which the inside reads as a flat fill
 #: (fully flat at the first value, fine from the second).
-FLAT_INTERIOR = (0.3, 0.5)
+FLAT_INTERIOR = (0.45, 0.7)
 #: Seam energy (outline over the bands beside it) from which a soft defect's edge reads as pasted.
 SEAM_ENERGY = (6.0, 20.0)
 
