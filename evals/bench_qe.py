@@ -186,9 +186,12 @@ def outside(ctx, rng: np.random.Generator) -> np.ndarray:
 
 
 def camera(ctx, rng: np.random.Generator) -> np.ndarray | None:
-    """The good edit with the camera's fingerprint changed inside the defect only."""
+    """The good edit with the camera's fingerprint changed inside the defect only (None on an image with
+    no measurable noise or compression: there is nothing to change)."""
+    from tools.image_gen.camera import estimate_noise
+
     region = ndi.binary_dilation(ctx.region, iterations=1)
-    if ndi.binary_erosion(ctx.region, iterations=1).sum() < 20:
+    if ndi.binary_erosion(ctx.region, iterations=1).sum() < 20 or (ctx.jpeg_quality is None and estimate_noise(ctx.normal) < 1.0):
         return None
     edited = ctx.edited.astype(np.float32)
     alpha = ndi.gaussian_filter(region.astype(np.float32), 0.7)[..., None]

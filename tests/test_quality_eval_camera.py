@@ -21,7 +21,7 @@ ENGINE = ProceduralEngine()
 PG = TemplatePromptGenerator()
 JUDGE = MetricJudge(use_features=False)
 SIZE = 160
-PROMPT = "Add one medium dark stain with soft edges, medium contrast, in the center of the capsule."
+PROMPT = "Add one medium dark stain with soft edges, high contrast, in the center of the capsule."
 
 
 def _u8(x: np.ndarray) -> np.ndarray:
@@ -35,17 +35,17 @@ def _request(syn, prompt: str | None = None) -> EvaluationRequest:
 
 @pytest.fixture(scope="module")
 def photographed():
-    """A stain drawn on a clean capsule, then 'photographed': the same sensor noise over the normal and the
-    edit (the camera-consistent case), plus the edit with the noise everywhere but inside the defect."""
+    """A capsule photographed with sensor noise; the engine's camera-consistent stain on it; and the same
+    stain drawn on the noise-free capsule and pasted into the noisy photo (no noise inside the defect)."""
     clean = normal_for("capsule", 0, size=SIZE, seed=3)
-    syn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", clean, seed=5, prompt=PROMPT)
-    noise = np.random.default_rng(0).normal(0, 3.0, clean.shape[:2])[..., None]
-    normal = _u8(clean + noise)
-    consistent = _u8(syn.result.image + noise)
-    region = ndi.binary_dilation(syn.result.region, iterations=1)
-    pasted = consistent.copy()
-    pasted[region] = syn.result.image[region]  # the defect without the camera's noise
-    return syn, normal, consistent, pasted
+    normal = _u8(clean + np.random.default_rng(0).normal(0, 3.0, clean.shape[:2])[..., None])
+    syn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=5, prompt=PROMPT)
+    assert bench_qe.visible(normal, syn.result.image, syn.result.region)
+    drawn_clean = synthesize(ENGINE, PG, "capsule", "faulty_imprint", clean, seed=5, prompt=PROMPT).result
+    region = ndi.binary_dilation(drawn_clean.region, iterations=1)
+    pasted = normal.copy()
+    pasted[region] = drawn_clean.image[region]
+    return syn, normal, syn.result.image, pasted
 
 
 def _fixes(ev) -> dict[str, str]:
@@ -72,17 +72,18 @@ def test_defect_pasted_without_the_image_noise_fails_and_asks_to_match_it(photog
 
 
 def test_jpeg_blocking_mismatch(photographed) -> None:
-    """Normal and edit compressed together pass; the defect pasted uncompressed into the JPEG fails."""
-    syn, normal, consistent, _ = photographed
-    settings = JpegSettings(quality=70)
-    normal_j, edited_j = jpeg_roundtrip(normal, settings), jpeg_roundtrip(consistent, settings)
-    ok = JUDGE.evaluate(normal_j, edited_j, _request(syn))
+    """The engine told the input's JPEG quality re-encodes the defect's blocks and passes; the defect pasted
+    with foreign, much coarser blocks fails."""
+    syn, normal, _, _ = photographed
+    normal_j = jpeg_roundtrip(normal, JpegSettings(quality=70))
+    drawn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal_j, seed=5, prompt=PROMPT, jpeg_quality=70).result
+    ok = JUDGE.evaluate(normal_j, drawn.image, _request(syn))
     assert ok.details["blocky_normal"] >= 1.2
     assert BLOCK_BAND[0] <= ok.details["blockiness_mismatch"] <= BLOCK_BAND[1]
     assert "Compression mismatch" not in ok.review
-    region = ndi.binary_dilation(syn.result.region, iterations=1)
-    pasted = edited_j.copy()
-    pasted[region] = jpeg_roundtrip(consistent, JpegSettings(quality=8))[region]  # foreign, much coarser blocks
+    region = ndi.binary_dilation(drawn.region, iterations=1)
+    pasted = drawn.image.copy()
+    pasted[region] = jpeg_roundtrip(drawn.image, JpegSettings(quality=8))[region]
     bad = JUDGE.evaluate(normal_j, pasted, _request(syn))
     assert not BLOCK_BAND[0] <= bad.details["blockiness_mismatch"] <= BLOCK_BAND[1]
     assert "Compression mismatch" in bad.review and _fixes(bad)["noise"] == "match"
@@ -129,3 +130,28 @@ def test_soft_stain_passes_the_seam_check_and_a_binary_alpha_paste_fails(photogr
     bad = JUDGE.evaluate(normal, _u8(sticker), _request(syn))
     assert bad.details["seam_energy"] > good.details["seam_energy"]
     assert "seam" in bad.review and _fixes(bad)["softness"] == "soft"
+
+
+def test_the_bench_camera_breaker_scores_lower_than_the_camera_consistent_render(photographed) -> None:
+    syn, normal, consistent, _ = photographed
+    ctx = bench_qe._Ctx(ENGINE, syn, normal, noise=3.0)
+    good = JUDGE.evaluate(normal, consistent, _request(syn))
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        bad = JUDGE.evaluate(normal, bench_qe.camera(ctx, rng), _request(syn))
+        assert bad.score < good.score - 1.0 and _fixes(bad).get("noise") == "match", bad.review
+
+
+def test_a_size_implausible_for_the_type_fails_even_when_the_instruction_asked_for_it() -> None:
+    """A capsule poke is tiny by the knowledge base: one drawn 'medium' is too large for a poke and QE asks
+    for a size the type has; the same area is fine for a type whose typical size is larger."""
+    normal = normal_for("capsule", 0, size=SIZE, seed=3)
+    prompt = "Add one medium dark stain with soft edges, medium contrast, in the center of the capsule."
+    syn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=6, prompt=prompt)
+    poke = EvaluationRequest(category="capsule", anomaly_type="poke", prompt=prompt)
+    imprint = EvaluationRequest(category="capsule", anomaly_type="faulty_imprint", prompt=prompt)
+    bad = JUDGE.evaluate(normal, syn.result.image, poke)
+    fine = JUDGE.evaluate(normal, syn.result.image, imprint)
+    assert 0.025 < bad.details["area_vs_object"] < 0.05  # beyond "small" (a poke's most), within "medium"
+    assert "Too large" in bad.review and _fixes(bad)["size"] in ("tiny", "small")
+    assert "Too large" not in fine.review and fine.location > bad.location

@@ -34,7 +34,7 @@ from tools.image_gen.camera import residual_ratio, ring
 from tools.foreground import estimate_foreground, foreground_diameter
 from tools.mask_gen import change_mask
 from tools.types import Evaluation, EvaluationRequest
-from tools.vocabulary import COLOURS, CONTRASTS, SIZES, DefectSpec, Fix, find_shape, format_fixes, parse_instruction, step
+from tools.vocabulary import COLOURS, CONTRASTS, INTERIORS, SIZES, DefectSpec, Fix, find_shape, format_fixes, parse_instruction, step
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,16 @@ def _centroid_matches(mask: np.ndarray, foreground: np.ndarray, position: str) -
     return all(checks[part] for part in position.split("-") if part in checks)
 
 
-def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None]:
-    """(default shape, sub-region, family) of the request's type from the knowledge base, if known."""
+def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None, str | None]:
+    """(default shape, sub-region, family, typical size word) of the request's type from the knowledge
+    base, if known."""
     try:
         from tools.knowledge.catalog import load_catalog
 
         entry = load_catalog().entry(request.category, request.anomaly_type)
-        return entry.shape, entry.region, entry.family
+        return entry.shape, entry.region, entry.family, entry.typical.get("size")
     except (ValueError, KeyError, OSError):
-        return find_shape(request.anomaly_type) or "stain", None, None
+        return find_shape(request.anomaly_type) or "stain", None, None, None
 
 
 class MetricJudge:
@@ -149,12 +150,12 @@ class MetricJudge:
         """
         if normal.shape != edited.shape:
             raise ValueError(f"images differ in shape: {normal.shape} vs {edited.shape}; resize the edit to the normal image")
-        shape, region, family = _catalog_defaults(request)
+        shape, region, family, typical_size = _catalog_defaults(request)
         spec = parse_instruction(request.prompt or request.anomaly_type.replace("_", " "), default_shape=shape, region=region)
         if family and not request.prompt:
             spec = spec.model_copy(update={"family": family})
         details = self.measure(normal, edited, spec, request.is_texture)
-        findings = self._findings(details, spec)
+        findings = self._findings(details, spec, typical_size)
         location = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "location"))
         quality = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "quality"))
         if details.get("changed_fraction", 0.0) == 0.0:
@@ -343,17 +344,17 @@ class MetricJudge:
 
     # ---------------------------------------------------------------------------------- the verdict
 
-    def _findings(self, d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
+    def _findings(self, d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
         findings: list[_Finding] = []
         if d["changed_fraction"] == 0.0:
             fixes = [Fix(attribute="contrast", value="high"), Fix(attribute="size", value=step(SIZES, spec.size, 1))]
             return [_Finding("quality", 5.0, "No visible defect: nothing in the edit stands out from the normal image.", fixes)]
-        findings += self._location_findings(d, spec)
+        findings += self._location_findings(d, spec, typical_size)
         findings += self._quality_findings(d, spec)
         return findings
 
     @staticmethod
-    def _location_findings(d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
+    def _location_findings(d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
         out: list[_Finding] = []
         off = 1.0 - d["on_object"]
         if off > 0.03:
@@ -362,12 +363,16 @@ class MetricJudge:
                                 f"{100 * off:.0f}% of the defect lies off the object.",
                                 [Fix(attribute="position", value=target)]))
         size = spec.size if spec.size in _MAX_AREA else "medium"
+        # Plausible for the type too: at most one size word above the knowledge base's typical one (a
+        # "large" pinhole is not a pinhole a detector will meet).
+        if typical_size in SIZES and SIZES.index(size) > SIZES.index(typical_size) + 1:
+            size = step(SIZES, typical_size, 1)
         over = max(d["area_vs_object"] / _MAX_AREA[size], d["extent_vs_object"] / _MAX_EXTENT[size])
         if over > 1.0:
             steps = -2 if over > 2.5 else -1
             out.append(_Finding("location", 4.0 * _ramp(over, 1.0, 2.0) + 0.5,
                                 f"Too large: the defect covers {100 * d['area_vs_object']:.0f}% of the object.",
-                                [Fix(attribute="size", value=step(SIZES, spec.size, steps))]))
+                                [Fix(attribute="size", value=step(SIZES, size, steps))]))
         elif d["area_vs_object"] < MIN_AREA:
             out.append(_Finding("location", 1.5, "Too small to see at inspection scale.",
                                 [Fix(attribute="size", value=step(SIZES, spec.size, 1))]))
@@ -422,7 +427,7 @@ class MetricJudge:
         if flat > 0:
             out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
                                 [Fix(attribute="interior", value="textured")]))
-        out += _camera_findings(d)
+        out += _camera_findings(d, spec)
         # Outside: pixels or features changed away from the defect.
         outside = max(_ramp(d["outside_level"], 1.0, 3.0), _ramp(d["outside_fraction"], 0.01, 0.05),
                       _ramp(d.get("feat_outside_0", 0.0), 0.01, 0.04))
@@ -432,18 +437,22 @@ class MetricJudge:
         return out
 
 
-def _camera_findings(d: dict[str, float]) -> list[_Finding]:
+def _camera_findings(d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
     """Noise, blur and compression that differ inside the defect from around it: a cue only synthetic
-    defects carry (a detector learns it instead of the defect)."""
+    defects carry (a detector learns it instead of the defect). A noisier inside may also be an interior
+    texture finer than the surface's: the fix then asks for a calmer interior as well."""
     out: list[_Finding] = []
     noise = d.get("noise_mismatch")
     if noise is not None:
         off = max(_ramp(NOISE_BAND[0] / max(noise, 1e-3), 1.0, 1.6), _ramp(noise / NOISE_BAND[1], 1.0, 1.6))
         if off > 0:
             how = "cleaner or blurrier" if noise < 1 else "noisier"
+            fixes = [Fix(attribute="noise", value="match")]
+            if noise > 1:
+                fixes.append(Fix(attribute="interior", value=step(INTERIORS, spec.interior or "textured", -1)))
             out.append(_Finding("quality", 3.0 * off + 0.5,
                                 f"Camera mismatch: the defect is {how} than its surroundings (noise ratio {noise:.2f}).",
-                                [Fix(attribute="noise", value="match")]))
+                                fixes))
     blocks = d.get("blockiness_mismatch")
     if blocks is not None:
         off = max(_ramp(BLOCK_BAND[0] / max(blocks, 1e-3), 1.0, 1.5), _ramp(blocks / BLOCK_BAND[1], 1.0, 1.5))
