@@ -8,7 +8,7 @@ import io
 from evals.loop_study import per_family_table, run_condition
 
 #: Types whose seeded first attempt (seeds as in the full study) QE fails.
-PAIRS = [("bottle", "broken_large"), ("capsule", "faulty_imprint"), ("toothbrush", "defective"), ("candle", "damaged_corner")]
+PAIRS = [("bottle", "contamination"), ("capsule", "faulty_imprint"), ("screw", "thread_top"), ("capsule", "squeeze")]
 
 
 def test_default_backend_refinements_raise_the_score(tmp_path) -> None:
