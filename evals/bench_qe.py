@@ -374,7 +374,7 @@ def run(per_kind: int = 200, size: int = 160, split: str = "test", judge=None, o
     rows = {}
     print(f"QE metric judge on {len(cases)} edits ({split} split, {size} px): AUROC of location+quality, good vs each kind",
           file=out)
-    print(f"{'kind':<12} {'n':>5} {'AUROC':>7} {'pass%':>7} {'mean score':>11}", file=out)
+    print(f"{'kind':<12} {'n':>5} {'AUROC':>7} {'pass%':>7} {'mean score':>11}  most named fix (share of failed)", file=out)
     print(f"{'good':<12} {len(good):>5} {'':>7} {100 * np.mean(passed['good']):>6.1f}% {statistics.fmean(good):>11.2f}", file=out)
     all_bad: list[float] = []
     for kind in KINDS:
@@ -382,8 +382,8 @@ def run(per_kind: int = 200, size: int = 160, split: str = "test", judge=None, o
         all_bad += bad
         auc = roc_auc_score([1] * len(good) + [0] * len(bad), good + bad)
         rows[kind] = auc
-        print(f"{kind:<12} {len(bad):>5} {auc:>7.3f} {100 * np.mean(passed[kind]):>6.1f}% {statistics.fmean(bad):>11.2f}",
-              file=out)
+        print(f"{kind:<12} {len(bad):>5} {auc:>7.3f} {100 * np.mean(passed[kind]):>6.1f}% {statistics.fmean(bad):>11.2f}  "
+              f"{_top_fix([ev for label, _, ev in records if label == kind and not ev.passed])}", file=out)
     overall = roc_auc_score([1] * len(good) + [0] * len(all_bad), good + all_bad)
     print(f"build {built - started:.1f} s, judge {1000 * statistics.median(times):.1f} ms/edit median "
           f"({sum(times):.1f} s total)", file=out)
@@ -392,6 +392,18 @@ def run(per_kind: int = 200, size: int = 160, split: str = "test", judge=None, o
               f"({100 * tally.get('faint', 0) / tally['draws']:.1f}%)", file=out)
     print(f"QE AUROC {overall:.3f}", file=out)
     return {"auroc": overall, "per_kind": rows, "records": records, "pass_good": float(np.mean(passed["good"]))}
+
+
+def _top_fix(verdicts: list) -> str:
+    """The fix most failed verdicts name, with the share of them that name it."""
+    named: dict[str, int] = defaultdict(int)
+    for ev in verdicts:
+        for fix in ev.fixes:
+            named[f"{fix.attribute}={fix.value}"] += 1
+    if not named:
+        return "-"
+    top = max(named, key=named.get)
+    return f"{top} ({100 * named[top] / len(verdicts):.0f}%)"
 
 
 def main(argv: list[str] | None = None) -> int:
