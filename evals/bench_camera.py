@@ -8,8 +8,10 @@ JPEG (quality 70-95, 4:2:0 or 4:4:4; the JPEG's settings reach the engine as the
 embedded engine draws every family on them, with no size/contrast/softness word (the broad
 distribution). Per defect:
 
-* residual ratio: robust std of the high-pass residual (luma minus its 1-px Gaussian blur) inside the
-  engine's region over a ring just outside it (`tools.image_gen.camera.residual_ratio`);
+* residual ratio: the noise level (robust MAD spread of the finest diagonal wavelet band of the luma,
+  Donoho's estimator) inside the engine's region over a ring just outside it
+  (`tools.image_gen.camera.residual_ratio`); shown beside it, not judged, the same ratio for the
+  Gaussian 1-px high-pass residual (`highpass_ratio`), which also holds the defect's own fine structure;
 * blockiness ratio (JPEG inputs): the 8-px block-boundary step inside over the ring's;
 * MG IoU: the change mask (MG's fallback for backends that do not know their region) against the region.
 
@@ -64,7 +66,7 @@ def camera_image(category: str, index: int, rng: np.random.Generator, size: int,
 
 def run(per_family: int, size: int, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
     from tools.image_gen import ProceduralEngine
-    from tools.image_gen.camera import blockiness_ratio, residual_ratio
+    from tools.image_gen.camera import blockiness_ratio, highpass_ratio, residual_ratio
     from tools.mask_gen import change_mask
     from tools.samples import SAMPLE_CATEGORIES
     from tools.types import GenerationRequest
@@ -99,6 +101,9 @@ def run(per_family: int, size: int, seed: int = 0) -> dict[str, dict[str, dict[s
                 ratio = residual_ratio(result.image, region)
                 if ratio is not None:
                     rows[family]["residual"].append(ratio)
+                hp = highpass_ratio(result.image, region)
+                if hp is not None:
+                    rows[family]["highpass"].append(hp)
                 if fmt == "jpeg":
                     block = blockiness_ratio(result.image, region)
                     if block is not None:
@@ -116,8 +121,8 @@ def run(per_family: int, size: int, seed: int = 0) -> dict[str, dict[str, dict[s
 
 def report(results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, bool]:
     """The table and whether every family's medians lie within `TARGET`."""
-    lines = ["| input | family | n | residual ratio (median) | blockiness ratio (median) | MG change-mask IoU (median) | empty |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| input | family | n | noise ratio (median) | blockiness ratio (median) | Gaussian high-pass ratio (median, not judged) | MG change-mask IoU (median) | empty |",
+             "|---|---|---|---|---|---|---|---|"]
     ok = True
     for fmt, fams in results.items():
         for fam, v in fams.items():
@@ -127,7 +132,8 @@ def report(results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, bool]:
             ok &= inside
             lines.append(
                 f"| {fmt} | {fam} | {int(v['n'])} | {res:.3f} | {'' if block is None else f'{block:.3f}'} | "
-                f"{v.get('mg_iou', float('nan')):.3f} | {int(v['empty'])} |" + ("" if inside else " **outside**")
+                f"{v.get('highpass', float('nan')):.3f} | {v.get('mg_iou', float('nan')):.3f} | {int(v['empty'])} |"
+                + ("" if inside else " **outside**")
             )
     return "\n".join(lines), ok
 

@@ -24,6 +24,8 @@ from tools.types import MaskResult
 
 logger = logging.getLogger(__name__)
 
+#: Noise floor (levels) when the edited image is bit-identical to the normal one outside the change.
+EXACT_LEVEL = 1.5
 #: Mean change (levels, max over channels) inside a known region below which it is not trusted as the
 #: mask (the edit did not happen there, e.g. a region passed for another image).
 KNOWN_REGION_MIN_CHANGE = 1.0
@@ -59,7 +61,13 @@ def difference_map(normal: np.ndarray, edited: np.ndarray, sigma: float = 0.8) -
 
 
 def noise_floor(diff: np.ndarray, minimum: float = 6.0, k: float = 5.0) -> float:
-    """Level below which a change is treated as noise: max(minimum, median + k·1.4826·MAD).
+    """Level below which a change is treated as noise: max(minimum, median + k·1.4826·MAD), or
+    `EXACT_LEVEL` when the image is bit-identical outside the change (median and MAD both under half a
+    level: an editor that touched only the defect, like the procedural engine).
+
+    Why the exact case: re-encoding backends move every pixel by a few levels, hence the absolute floor;
+    an editor that leaves the rest of the image untouched has no noise to guard against, and a faint
+    defect of a few levels is then still a real change.
 
     Args:
         diff: Difference map.
@@ -68,6 +76,8 @@ def noise_floor(diff: np.ndarray, minimum: float = 6.0, k: float = 5.0) -> float
     """
     med = float(np.median(diff))
     mad = float(np.median(np.abs(diff - med)))
+    if med + k * 1.4826 * mad < 0.5:
+        return EXACT_LEVEL
     return max(minimum, med + k * 1.4826 * mad)
 
 
@@ -154,7 +164,8 @@ def change_mask(
             st = ndi.generate_binary_structure(2, 1)
             sub = ndi.binary_closing(sub, st, iterations=close_radius, border_value=0)
         sub = ndi.binary_fill_holes(sub)
-        min_area = max(4, int(round(min_area_fraction * h * w)))
+        # Specks are dropped as re-encoding noise; an exact edit has none, so there only single pixels go.
+        min_area = 2 if floor <= EXACT_LEVEL else max(4, int(round(min_area_fraction * h * w)))
         labels, n = ndi.label(sub, structure=np.ones((3, 3)))
         if n:
             areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]

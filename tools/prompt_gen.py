@@ -31,7 +31,7 @@ from tools.vocabulary import (
 #: Relative weight of a size or contrast word by its distance from the knowledge entry's typical word:
 #: real defects of one type range from barely visible to blatant and from specks to large areas, so every
 #: word keeps some weight.
-_SIZE_WEIGHTS = (1.0, 0.8, 0.6, 0.45)
+_SIZE_WEIGHTS = (1.0, 0.9, 0.8, 0.7)
 _CONTRAST_WEIGHTS = (1.0, 0.75, 0.55)
 #: Share of instructions that ask for the other edge softness than the entry's typical one.
 _OTHER_SOFTNESS = 0.3

@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color
 
-from tools.image_gen.camera import residual_ratio, ring
+from tools.image_gen.camera import estimate_noise, highpass_ratio, residual_ratio, ring
 from tools.foreground import estimate_foreground, foreground_diameter
 from tools.mask_gen import change_mask
 from tools.types import Evaluation, EvaluationRequest
@@ -198,7 +198,7 @@ class MetricJudge:
             "luma": luma,
             "lab": lab,
             "highpass": luma - ndi.gaussian_filter(luma, 1.5),
-            "noise": float(_robust_std(_noise_residual(luma)[fg])) if fg.any() else 0.0,
+            "noise": estimate_noise(normal),
             "blocky": _blocky(luma),
             "features": {},
         }
@@ -478,11 +478,10 @@ def _camera_measures(facts: dict, normal: np.ndarray, edited: np.ndarray, defect
         return out
     out["noise_normal"] = facts["noise"]
     if facts["noise"] >= 0.8:
-        res_e, res_n = _noise_residual(_luma(edited)), _noise_residual(facts["luma"])
-        ratio_e = _robust_std(res_e[interior]) / max(_robust_std(res_e[band]), 1e-3)
-        ratio_n = _robust_std(res_n[interior]) / max(_robust_std(res_n[band]), 1e-3)
-        out["noise_mismatch"] = ratio_e / max(ratio_n, 1e-3)
-    texture_e, texture_n = residual_ratio(edited, interior, 1.5), residual_ratio(normal, interior, 1.5)
+        noise_e, noise_n = residual_ratio(edited, interior), residual_ratio(normal, interior)
+        if noise_e is not None and noise_n is not None:
+            out["noise_mismatch"] = noise_e / max(noise_n, 1e-3)
+    texture_e, texture_n = highpass_ratio(edited, interior, 1.5), highpass_ratio(normal, interior, 1.5)
     if texture_e is not None and texture_n is not None and _robust_std(facts["highpass"][band]) >= 2.0:
         out["interior_texture"] = texture_e / max(texture_n, 1e-3)
     out["blocky_normal"] = facts["blocky"]
@@ -495,17 +494,9 @@ def _camera_measures(facts: dict, normal: np.ndarray, edited: np.ndarray, defect
     return out
 
 
-#: Immerkær's noise kernel (two Laplacians' difference, blind to linear ramps); its response to white
-#: noise of std s has std 6 s.
-_NOISE_KERNEL = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32) / 6.0
 #: Global 8x8 blocking of a normal image from which it counts as a JPEG (PNG samples measure <= 1.15,
 #: JPEGs of quality 60-90 >= 1.22).
 JPEG_BLOCKY = 1.2
-
-
-def _noise_residual(luma: np.ndarray) -> np.ndarray:
-    """The finest-scale residual, scaled so that its std is that of additive white noise."""
-    return ndi.convolve(luma, _NOISE_KERNEL, mode="reflect")
 
 
 def _robust_std(values: np.ndarray) -> float:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from tools.image_gen.blending import texture_contrast
 from tools.image_gen.camera import blur_change, luminance
 from tools.image_gen.shapes import coords, fractal_noise
 from tools.vocabulary import DefectSpec
@@ -39,10 +40,14 @@ CONTRAST_RANGE: dict[str, tuple[float, float]] = {"low": (3.0, 16.0), "medium": 
 SOFTNESS_RANGE: dict[str, tuple[float, float]] = {"sharp": (0.0, 0.015), "soft": (0.02, 0.12)}
 #: Fractal outline amplitude (fraction of the radius) per outline word.
 OUTLINE_RANGE: dict[str, tuple[float, float]] = {"smooth": (0.0, 0.05), "ragged": (0.08, 0.3)}
+#: Smallest contrast per contrast word in units of the surface's own spread around the defect
+#: (`blending.texture_contrast`): a "high contrast" defect stands out even on a busy surface, a "low"
+#: one may hide in it (real faint defects do).
+SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 1.2, "high": 1.55}
 #: Modulation depth of the interior per interior word.
-INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.2, 0.45), "textured": (0.3, 0.7)}
+INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
-WIDTH_RANGE = (0.02, 0.25)
+WIDTH_RANGE = (0.02, 0.2)
 #: Interior texture sources.
 INTERIOR_KINDS = ("fractal", "material", "displaced")
 #: Local texture-statistics disturbances drawn on texture surfaces (weave or grain distortion, local
@@ -54,8 +59,8 @@ GAIN_LIMITS: dict[str, tuple[float, float]] = {
     "blob": (0.04, 6.0),
     "line": (0.04, 6.0),
     "hole": (0.04, 6.0),
-    "deformation": (0.15, 3.0),
-    "texture": (0.15, 3.0),
+    "deformation": (0.15, 1.5),
+    "texture": (0.15, 1.5),
     "missing": (0.5, 1.5),
 }
 
@@ -78,6 +83,7 @@ class Look:
     extent_frac: float
     width_frac: float
     contrast: float
+    surface_floor: float
     softness_frac: float
     ragged: float
     interior: str
@@ -110,8 +116,11 @@ def sample_look(spec: DefectSpec, rng: np.random.Generator, *, is_texture: bool,
     interior = _word_range(INTERIOR_RANGE, spec.interior)
     return Look(
         extent_frac=_log_uniform(*size, u[0]),
-        width_frac=_log_uniform(*WIDTH_RANGE, u[1]),
+        # Bigger lines tend to be broader too (a gouge, not a longer hairline): the width's quantile leans
+        # on the size's.
+        width_frac=_log_uniform(*WIDTH_RANGE, 0.5 * (u[0] + u[1])),
         contrast=_log_uniform(*contrast, u[2]) * strength,
+        surface_floor=0.0 if "contrast" in unstated else SURFACE_FLOOR.get(spec.contrast, 0.0) * strength,
         softness_frac=float(soft[0] + (soft[1] - soft[0]) * u[3]),
         ragged=float(ragged[0] + (ragged[1] - ragged[0]) * u[4]),
         interior=INTERIOR_KINDS[int(u[5] * len(INTERIOR_KINDS)) % len(INTERIOR_KINDS)],
@@ -226,14 +235,16 @@ def finish_stamp(
     family: str,
     extent: float,
     camera_sigma: float,
+    surface: np.ndarray,
+    thickness: float | None = None,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Apply what every family shares to one rendered defect.
 
-    Order: the texture disturbance (texture surfaces) joins the family's change; the interior modulation
-    varies the change inside; the change is blurred by the look's softness and the camera's blur; last,
-    the change is scaled so that its mean luminance change where alpha ≥ 0.5 is the look's contrast
-    (within the family's gain limits).
+    Order: the interior modulation varies the change inside; a drawn change is blurred by the look's
+    softness and the camera's blur; the texture disturbance (texture surfaces) joins it; last, the change
+    is scaled so that its mean change where alpha ≥ 0.5 is the look's contrast (within the family's gain
+    limits, and within the colours already present when it is amplified).
 
     Args:
         before: The low-pass window the renderer drew on (float RGB).
@@ -243,38 +254,55 @@ def finish_stamp(
         family: The family that drew it (sets the gain limits and how much interior modulation applies).
         extent: The defect's extent in pixels.
         camera_sigma: Extra blur (px) that brings the rendering to the input's sharpness.
+        surface: The input's window with its detail (float RGB): the surface spread a "medium" or "high"
+            contrast must stand out from is measured on it.
+        thickness: The scale edge softness is relative to when it is not the extent (a line's width
+            times a few: a soft scratch is blurred across, not along, its length).
         rng: Source of randomness.
 
     Returns:
-        (finished window; the same without the interior modulation, the defect's envelope, from which
-        its region is cut, so that a strongly textured interior does not break the region into pieces;
-        coverage widened by the blur; info).
+        (finished window, coverage widened by the blur, info).
     """
     change = np.asarray(after, np.float32) - before
     a = np.clip(alpha, 0, 1).astype(np.float32)
     info: dict[str, Any] = {}
+    # Moved or transplanted pixels (deformation, texture, missing) already carry structure: half the depth.
+    amp = look.interior_amp * (0.5 if family in ("deformation", "texture", "missing") else 1.0)
+    field = interior_field(look.interior, before, a, extent, rng)
+    # Never below 60% of the envelope: the interior varies, but does not punch holes into the defect.
+    change = change * np.clip(1.0 + amp * field, 0.6, 1.6)[..., None]
+    # The change is brought to the camera's sharpness and the look's softness (the input's own detail is
+    # added back afterwards, sharp as it was).
+    sigma = float(np.hypot(look.softness_frac * (thickness or extent), camera_sigma))
+    if sigma > 0.05:
+        change = blur_change(change, sigma)
+        a = np.maximum(a, blur_change(a, sigma))
     if look.texture_op and family != "missing":
+        # The surface's own texture, disturbed under the defect: its pixels keep their sharpness.
         disturbed = disturb_texture(before, a, look.texture_op, extent, rng)
         change = change + (disturbed - before) * a[..., None]
         info["texture_op"] = look.texture_op
-    moved = family in ("deformation", "texture", "missing")
-    amp = look.interior_amp * (0.5 if moved else 1.0)
-    field = interior_field(look.interior, before, a, extent, rng)
-    envelope = change
-    change = change * np.clip(1.0 + amp * field, 0.15, 2.0)[..., None]
-    sigma = float(np.hypot(look.softness_frac * extent, camera_sigma))
-    if sigma > 0.05:
-        change, envelope = blur_change(change, sigma), blur_change(envelope, sigma)
-        a = np.maximum(a, blur_change(a, sigma))
     inside = a >= 0.5
     # Max-channel change: a hue shift of a named colour counts as much as a brightness change.
     strength = float(np.abs(change).max(axis=-1)[inside].mean()) if inside.any() else 0.0
     lo, hi = GAIN_LIMITS.get(family, (0.1, 4.0))
-    gain = float(np.clip(look.contrast / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
-    out = np.clip(before + change * gain, 0, 255).astype(np.float32)
-    envelope = np.clip(before + envelope * gain, 0, 255).astype(np.float32)
-    info.update({"blur_sigma_px": round(sigma, 2), "contrast_gain": round(gain, 3)})
-    return out, envelope, a, info
+    target = max(look.contrast, look.surface_floor * texture_contrast(surface, a)) if look.surface_floor else look.contrast
+    gain = float(np.clip(target / max(strength, 1e-3), lo, hi)) if strength > 1e-3 else 1.0
+    if gain > 1.0:
+        # Amplify within the colours already there (the surface's and the rendering's own, with a little
+        # room), with one factor for all channels of a pixel: scaling a hue shift up must neither run off
+        # into a saturated primary nor turn into another hue.
+        flat_b, flat_a = before.reshape(-1, 3), np.asarray(after, np.float32).reshape(-1, 3)
+        lo = np.minimum(flat_b.min(axis=0), flat_a.min(axis=0)) - 25.0
+        hi = np.maximum(flat_b.max(axis=0), flat_a.max(axis=0)) + 25.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            room = np.where(change > 1e-6, (hi - before) / change, np.where(change < -1e-6, (lo - before) / change, np.inf))
+        out = before + change * np.clip(np.minimum(gain, room.min(axis=-1)), 0.0, None)[..., None]
+    else:
+        out = before + change * gain
+    out = np.clip(out, 0, 255).astype(np.float32)
+    info.update({"blur_sigma_px": round(sigma, 2), "contrast_target": round(target, 2), "contrast_gain": round(gain, 3)})
+    return out, a, info
 
 
 __all__ = [

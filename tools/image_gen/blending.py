@@ -39,16 +39,12 @@ class Stamp:
             context effects (a scratch's lip, a strand's shadow) stay below 0.5 by design.
         box: (x0, y0, x1, y1) of the window in the full image, x1/y1 exclusive.
         info: The concrete sampled parameters, JSON-serialisable.
-        background: Optional (h, w) weight in [0, 1] where the product is gone and the background shows
-            (a missing piece, a receded outline): there the engine gives the image the background's fine
-            detail (its noise and grain) instead of the product's.
     """
 
     image: np.ndarray
     alpha: np.ndarray
     box: tuple[int, int, int, int]
     info: dict[str, Any] = field(default_factory=dict)
-    background: np.ndarray | None = None
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -69,13 +69,8 @@ def split_detail(image: np.ndarray, sigma: float = DETAIL_SIGMA) -> tuple[np.nda
 
 def estimate_noise(image: np.ndarray) -> float:
     """Sensor noise standard deviation of the luma in levels: Donoho's estimator, the median absolute
-    finest diagonal (Haar HH) wavelet coefficient over 0.6745. (The band ignores smooth shading and
-    horizontal or vertical edges, so texture inflates it little.)"""
-    g = luminance(image)
-    h, w = (g.shape[0] // 2) * 2, (g.shape[1] // 2) * 2
-    g = g[:h, :w]
-    hh = (g[0::2, 0::2] - g[0::2, 1::2] - g[1::2, 0::2] + g[1::2, 1::2]) / 2.0
-    return float(np.median(np.abs(hh)) / 0.6745)
+    finest diagonal (Haar HH) wavelet coefficient over 0.6745 (see `noise_map`)."""
+    return _noise_sigma(noise_map(image))
 
 
 def estimate_blur(image: np.ndarray) -> float:
@@ -186,29 +181,57 @@ def ring(mask: np.ndarray, width: int | None = None, gap: int = 2) -> np.ndarray
     return outer & ~ndi.binary_dilation(mask, iterations=gap)
 
 
-def _robust_std(values: np.ndarray) -> float:
-    med = float(np.median(values))
-    return 1.4826 * float(np.median(np.abs(values - med)))
+def noise_map(image: np.ndarray) -> np.ndarray:
+    """The finest diagonal (Haar HH) detail of the luma at every pixel, (H, W) (last row/column repeated).
+
+    Why this band: it is the one Donoho's noise estimator reads. Smooth shading, ramps and horizontal or
+    vertical edges leave it at zero, so what it holds is the pixel-scale grain a camera adds.
+    """
+    g = luminance(image)
+    hh = (g[:-1, :-1] - g[:-1, 1:] - g[1:, :-1] + g[1:, 1:]) / 2.0
+    return np.pad(hh, ((0, 1), (0, 1)), mode="edge")
 
 
-def residual_ratio(image: np.ndarray, mask: np.ndarray, sigma: float = DETAIL_SIGMA) -> float | None:
-    """Robust std of the high-pass residual (luma minus its Gaussian blur) inside `mask` over a ring just
-    outside it; None when either side has fewer than 16 pixels or the ring has no detail at all.
+def _noise_sigma(values: np.ndarray) -> float:
+    return float(np.median(np.abs(values))) / 0.6745
 
-    1.0 means the defect carries the surrounding noise and grain; a flat or denoised interior gives
-    well below 1, pasted foreign noise above. The robust (MAD) spread keeps a defect's own outline from
-    dominating the figure.
+
+def residual_ratio(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """Sensor-noise level inside `mask` over a ring just outside it; None when either side has fewer
+    than 16 pixels or the ring has no noise at all.
+
+    The high-pass residual is the finest diagonal wavelet band (`noise_map`), its spread the robust MAD
+    estimate: 1.0 means the defect carries the surrounding noise; a flat or denoised interior gives well
+    below 1, pasted foreign noise above. A defect's own outline and coarser structure barely enter it.
     """
     mask = np.asarray(mask, bool)
     band = ring(mask)
     if mask.sum() < 16 or band.sum() < 16:
         return None
-    gray = luminance(image)
-    resid = gray - ndi.gaussian_filter(gray, sigma)
-    outside = _robust_std(resid[band])
+    hh = noise_map(image)
+    outside = _noise_sigma(hh[band])
     if outside <= 1e-6:
         return None
-    return _robust_std(resid[mask]) / outside
+    return _noise_sigma(hh[mask]) / outside
+
+
+def highpass_ratio(image: np.ndarray, mask: np.ndarray, sigma: float = DETAIL_SIGMA) -> float | None:
+    """Robust (MAD) spread of the Gaussian high-pass residual (luma minus its `sigma` blur) inside `mask`
+    over the ring; None as in `residual_ratio`. Unlike the wavelet band, this residual also holds a
+    defect's own fine structure (thin lines, sharp outlines), so it reads above 1 on strong thin defects
+    even when their noise matches."""
+    mask = np.asarray(mask, bool)
+    band = ring(mask)
+    if mask.sum() < 16 or band.sum() < 16:
+        return None
+    g = luminance(image)
+    resid = g - ndi.gaussian_filter(g, sigma)
+
+    def spread(v: np.ndarray) -> float:
+        return 1.4826 * float(np.median(np.abs(v - np.median(v))))
+
+    outside = spread(resid[band])
+    return None if outside <= 1e-6 else spread(resid[mask]) / outside
 
 
 def blockiness_ratio(image: np.ndarray, mask: np.ndarray, block: int = 8) -> float | None:

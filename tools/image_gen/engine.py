@@ -80,8 +80,9 @@ FALLBACKS: dict[str, tuple[str, str]] = {
 }
 
 #: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels
-#: (the change is measured on the noise-free low-pass layer, so a faint defect's pixels still count)...
-VISIBLE_LEVEL = 1.0
+#: (outside the defects the engine leaves every pixel as it was, so a faint defect's pixels still
+#: count; MG's change mask uses the same level for such exact edits)...
+VISIBLE_LEVEL = 1.5
 #: ...and half the defect's typical change (75th percentile of its substantial changes where
 #: alpha ≥ 0.5). This is the half-maximum convention: a defect's extent ends where its effect has
 #: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
@@ -128,35 +129,6 @@ def defect_region(before: np.ndarray, after: np.ndarray, alpha: np.ndarray, sigm
         ndi.binary_closing(visible, ndi.generate_binary_structure(2, 1), border_value=0) & core | visible
     )
     return ndi.binary_fill_holes(visible)
-
-
-def borrow_background_detail(
-    detail: np.ndarray, foreground: np.ndarray, box: tuple[int, int, int, int], weight: np.ndarray
-) -> None:
-    """Where `weight` says the product is gone, give `detail` (in place) the background's own detail.
-
-    Each such pixel takes the detail of its mirror image across the nearest outline point, which lies in
-    the background at the same distance: the background's noise and grain, without repeating a pixel.
-    Mirror points that fall off the image or on the product take the nearest background pixel's detail.
-    """
-    x0, y0, x1, y1 = box
-    h, w = foreground.shape
-    pad = max(x1 - x0, y1 - y0)
-    px0, py0, px1, py1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
-    fg = foreground[py0:py1, px0:px1]
-    if fg.all():
-        return
-    _, (iy, ix) = ndi.distance_transform_edt(fg, return_indices=True)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    ny, nx = iy[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + py0, ix[y0 - py0 : y1 - py0, x0 - px0 : x1 - px0] + px0
-    my, mx = 2 * ny - yy, 2 * nx - xx
-    ok = (my >= 0) & (my < h) & (mx >= 0) & (mx < w)
-    my, mx = np.where(ok, my, ny), np.where(ok, mx, nx)
-    on_product = foreground[my, mx]
-    my, mx = np.where(on_product, ny, my), np.where(on_product, nx, mx)
-    borrowed = detail[my, mx]
-    wgt = np.clip(weight, 0, 1)[..., None]
-    detail[y0:y1, x0:x1] = detail[y0:y1, x0:x1] * (1 - wgt) + borrowed * wgt
 
 
 def _plain(value: Any) -> Any:
@@ -277,34 +249,25 @@ class ProceduralEngine:
             "light_xy": [round(v, 3) for v in canvas.light],
             "foreground_fraction": round(float(fg.mean()), 4),
             "foreground_diameter_px": round(canvas.diameter, 1),
-            "camera": {
-                "noise_sigma": round(estimate_noise(image), 2),
-                "blur_sigma_px": round(blur, 2),
-                "jpeg_quality": request.jpeg_quality,
-            },
+            "camera_noise_sigma": round(estimate_noise(image), 2),
+            "camera_blur_px": round(blur, 2),
+            "jpeg_quality": request.jpeg_quality,
             "defects": [],
         }
         draw_spec, renderer, fallback = self._renderer_for(spec)
         if fallback:
             info["fallback"] = fallback
         region = np.zeros(fg.shape, bool)
+        drawn: list[tuple[tuple[slice, slice], np.ndarray, dict[str, Any]]] = []
         for _ in range(spec.count):
             look = sample_look(draw_spec, look_rng, is_texture=request.is_texture, strength=params.strength)
             canvas.look = look
-            try:
-                stamp = renderer(canvas, draw_spec, rng)
-            except NotApplicable as exc:
-                fam, shape = FALLBACKS[draw_spec.family]
-                logger.info("%s cannot draw here (%s); falling back to %s", draw_spec.shape, exc, shape)
-                info["fallback"] = f"{draw_spec.family}->{fam}:{shape} ({exc})"
-                draw_spec = draw_spec.model_copy(update={"family": fam, "shape": shape})
-                renderer = RENDERERS[fam]
-                stamp = renderer(canvas, draw_spec, rng)
+            stamp, draw_spec, renderer = self._draw(canvas, draw_spec, renderer, rng, info)
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
-            extent = max(1.5, look.extent_frac * params.extent * canvas.diameter)
-            out, envelope, alpha, finished = finish_stamp(
+            extent = canvas.extent(draw_spec.size, look_rng)
+            out, alpha, finished = finish_stamp(
                 before,
                 stamp.image,
                 stamp.alpha,
@@ -312,21 +275,25 @@ class ProceduralEngine:
                 family=draw_spec.family,
                 extent=extent,
                 camera_sigma=camera_sigma,
+                surface=before + detail[win],
+                thickness=3.0 * stamp.info["width_px"] if draw_spec.family == "line" and "width_px" in stamp.info else None,
                 rng=look_rng,
             )
             stamp.alpha = alpha
-            mine = defect_region(before, envelope, stamp.alpha)
-            region[win] |= mine
-            stamp.info["area_px"] = int(mine.sum())
             stamp.info["box"] = list(stamp.box)
             stamp.info["look"] = look.as_info() | finished
             info["defects"].append(stamp.info)
+            drawn.append((win, alpha, stamp.info))
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
-            if stamp.background is not None:
-                borrow_background_detail(detail, canvas.foreground, stamp.box, stamp.background)
         # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
         edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
+        # Each defect's region is cut from the delivered pixels (before any JPEG pass, whose block noise
+        # is no part of the defect), so that it is exactly what a difference of the two images shows.
+        for win, alpha, stamp_info in drawn:
+            mine = defect_region(image[win].astype(np.float32), edited[win].astype(np.float32), alpha)
+            region[win] |= mine
+            stamp_info["area_px"] = int(mine.sum())
         if request.jpeg_quality is not None:
             settings = JpegSettings(request.jpeg_quality, request.jpeg_subsampling)
             edited = recompress_blocks(edited, (edited != image).any(axis=-1), settings)
@@ -337,6 +304,21 @@ class ProceduralEngine:
                 "the %s came out invisible (seed %d); the region is empty", spec.shape, request.seed
             )
         return GenerationResult(image=edited, region=region, spec=spec, info=_plain(info))
+
+    @staticmethod
+    def _draw(
+        canvas: Canvas, spec: DefectSpec, renderer: Renderer, rng: np.random.Generator, info: dict[str, Any]
+    ) -> tuple[Stamp, DefectSpec, Renderer]:
+        """Run the renderer, or its family's fallback when it declines the image (noted in `info`)."""
+        try:
+            return renderer(canvas, spec, rng), spec, renderer
+        except NotApplicable as exc:
+            fam, shape = FALLBACKS[spec.family]
+            logger.info("%s cannot draw here (%s); falling back to %s", spec.shape, exc, shape)
+            info["fallback"] = f"{spec.family}->{fam}:{shape} ({exc})"
+            spec = spec.model_copy(update={"family": fam, "shape": shape})
+            renderer = RENDERERS[fam]
+            return renderer(canvas, spec, rng), spec, renderer
 
     @staticmethod
     def _renderer_for(spec: DefectSpec) -> tuple[DefectSpec, Renderer, str | None]:

@@ -135,7 +135,7 @@ def render_line(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     width = base_width(canvas, spec.size) * style[5]
     if canvas.look is not None:
         # The look's width: from a hairline to a broad gouge, relative to the line's extent.
-        width = float(np.clip(canvas.look.width_frac * extent * style[5], 1.0, 0.4 * extent + 1.0))
+        width = float(np.clip(canvas.look.width_frac * extent * style[5], 1.0, 0.05 * length * style[5] + 1.0))
     if shape in ("print", "stroke"):
         width = max(2.5 if canvas.look is not None else 4.0, 0.28 * extent)
     pts, heading = _place_path(canvas, rng, length, width, style)

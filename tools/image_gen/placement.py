@@ -28,6 +28,9 @@ class NotApplicable(Exception):
 #: Defect extent per size word, as a fraction of the foreground's equivalent diameter.
 SIZE_EXTENT: dict[str, float] = {"tiny": 0.03, "small": 0.07, "medium": 0.14, "large": 0.25}
 
+#: Largest defect extent as a fraction of the product's diameter (after the per-type multiplier).
+MAX_EXTENT = 0.6
+
 #: Named knowledge-base sub-regions that map onto a position word.
 REGION_POSITIONS: dict[str, str] = {
     "rim": "edge",
@@ -202,7 +205,7 @@ class Canvas:
         a defect too), or without a look the size word's, jittered ±15%, at least 8 px."""
         jitter = rng.uniform(0.85, 1.15)  # drawn either way, so placement draws stay aligned
         if self.look is not None:
-            return float(max(1.5, self.look.extent_frac * self.scale * self.diameter))
+            return float(max(1.5, min(MAX_EXTENT, self.look.extent_frac * self.scale) * self.diameter))
         return float(max(8.0, SIZE_EXTENT.get(size, 0.14) * self.scale * self.diameter * jitter))
 
     @property
