@@ -9,8 +9,8 @@ embedded engine draws every family on them, with no size/contrast/softness word 
 distribution). Per defect:
 
 * residual ratio: the noise level (robust MAD spread of the finest diagonal wavelet band of the luma,
-  Donoho's estimator) inside the engine's region over a ring just outside it
-  (`tools.image_gen.camera.residual_ratio`); shown beside it, not judged, the same ratio for the
+  Donoho's estimator, on pixels no more structured than the ring's) inside the engine's region over a
+  ring just outside it (`tools.image_gen.camera.residual_ratio`; n counts the defects it could measure); shown beside it, not judged, the same ratio for the
   Gaussian 1-px high-pass residual (`highpass_ratio`), which also holds the defect's own fine structure;
 * blockiness ratio (JPEG inputs): the 8-px block-boundary step inside over the ring's;
 * MG IoU: the change mask (MG's fallback for backends that do not know their region) against the region.

@@ -53,8 +53,9 @@ INTERIOR_KINDS = ("fractal", "material", "displaced")
 #: Local texture-statistics disturbances drawn on texture surfaces (weave or grain distortion, local
 #: contrast change, local frequency change).
 TEXTURE_OPS = ("warp", "contrast", "frequency")
-#: How far the contrast gain may scale each family's change: moved pixels (deformation, texture, missing)
-#: cannot be scaled far without becoming a ghost of two images.
+#: How far the contrast gain may scale each family's change: moved or replaced pixels (deformation,
+#: texture, missing) are not faded far (a ghost of two images) and amplified only where they were
+#: re-shaded (see `finish_stamp`).
 GAIN_LIMITS: dict[str, tuple[float, float]] = {
     "blob": (0.04, 6.0),
     "line": (0.04, 6.0),
@@ -267,7 +268,9 @@ def finish_stamp(
     a = np.clip(alpha, 0, 1).astype(np.float32)
     info: dict[str, Any] = {}
     # Moved or transplanted pixels (deformation, texture, missing) already carry structure: half the depth.
-    amp = look.interior_amp * (0.5 if family in ("deformation", "texture", "missing") else 1.0)
+    moved = family in ("deformation", "texture", "missing")
+    raw = change
+    amp = look.interior_amp * (0.5 if moved else 1.0)
     field = interior_field(look.interior, before, a, extent, rng)
     # Never below 60% of the envelope: the interior varies, but does not punch holes into the defect.
     change = change * np.clip(1.0 + amp * field, 0.6, 1.6)[..., None]
@@ -275,7 +278,7 @@ def finish_stamp(
     # added back afterwards, sharp as it was).
     sigma = float(np.hypot(look.softness_frac * (thickness or extent), camera_sigma))
     if sigma > 0.05:
-        change = blur_change(change, sigma)
+        change, raw = blur_change(change, sigma), blur_change(raw, sigma)
         a = np.maximum(a, blur_change(a, sigma))
     if look.texture_op and family != "missing":
         # The surface's own texture, disturbed under the defect: its pixels keep their sharpness.
@@ -300,6 +303,15 @@ def finish_stamp(
         out = before + change * np.clip(np.minimum(gain, room.min(axis=-1)), 0.0, None)[..., None]
     else:
         out = before + change * gain
+    if moved:
+        # Where the rendering replaced one colour by another (a transplant, a background showing), scaling
+        # would push the blend past its end point into the complementary hue: those pixels stay between
+        # the surface and the rendering. Re-shaded pixels (the change parallel to the colour) may scale.
+        dot = (raw * before).sum(-1)
+        norm = np.linalg.norm(raw, axis=-1) * np.linalg.norm(before, axis=-1) + 1e-6
+        blend = (np.abs(dot) / norm < 0.98)[..., None]
+        ends = before + raw
+        out = np.where(blend, np.clip(out, np.minimum(before, ends) - 2.0, np.maximum(before, ends) + 2.0), out)
     out = np.clip(out, 0, 255).astype(np.float32)
     info.update({"blur_sigma_px": round(sigma, 2), "contrast_target": round(target, 2), "contrast_gain": round(gain, 3)})
     return out, a, info

@@ -198,21 +198,31 @@ def _noise_sigma(values: np.ndarray) -> float:
 
 def residual_ratio(image: np.ndarray, mask: np.ndarray) -> float | None:
     """Sensor-noise level inside `mask` over a ring just outside it; None when either side has fewer
-    than 16 pixels or the ring has no noise at all.
+    than 16 measurable pixels or the ring has no noise at all.
 
     The high-pass residual is the finest diagonal wavelet band (`noise_map`), its spread the robust MAD
     estimate: 1.0 means the defect carries the surrounding noise; a flat or denoised interior gives well
-    below 1, pasted foreign noise above. A defect's own outline and coarser structure barely enter it.
+    below 1, pasted foreign noise above. As noise estimators do, pixels on structure are left out: inside
+    the mask only pixels whose local gradient and curvature (of the 1-px smoothed luma) are no stronger
+    than the ring's 90th percentiles are measured, so a defect's own outline or a thin line's profile
+    does not pose as noise (a defect that is all structure is not measured).
     """
     mask = np.asarray(mask, bool)
     band = ring(mask)
     if mask.sum() < 16 or band.sum() < 16:
         return None
+    g = ndi.gaussian_filter(luminance(image), 1.0)
+    grad = np.hypot(ndi.sobel(g, 0), ndi.sobel(g, 1))
+    curv = np.abs(ndi.laplace(g))
+    flat = (grad <= np.percentile(grad[band], 90)) & (curv <= np.percentile(curv[band], 90))
+    inside = mask & flat
+    if inside.sum() < 16:
+        return None
     hh = noise_map(image)
-    outside = _noise_sigma(hh[band])
+    outside = _noise_sigma(hh[band & flat])
     if outside <= 1e-6:
         return None
-    return _noise_sigma(hh[mask]) / outside
+    return _noise_sigma(hh[inside]) / outside
 
 
 def highpass_ratio(image: np.ndarray, mask: np.ndarray, sigma: float = DETAIL_SIGMA) -> float | None:

@@ -222,6 +222,7 @@ class ProceduralEngine:
             allowed = region_mask(fg, position, rng)
         low, detail = split_detail(image)
         blur = estimate_blur(image)
+        noise = estimate_noise(image)
         camera_sigma = float(np.sqrt(max(blur**2 - RENDER_SIGMA**2, 0.0)))
         canvas = Canvas(
             image=low.copy(),
@@ -249,7 +250,7 @@ class ProceduralEngine:
             "light_xy": [round(v, 3) for v in canvas.light],
             "foreground_fraction": round(float(fg.mean()), 4),
             "foreground_diameter_px": round(canvas.diameter, 1),
-            "camera_noise_sigma": round(estimate_noise(image), 2),
+            "camera_noise_sigma": round(noise, 2),
             "camera_blur_px": round(blur, 2),
             "jpeg_quality": request.jpeg_quality,
             "defects": [],
@@ -286,6 +287,13 @@ class ProceduralEngine:
             drawn.append((win, alpha, stamp.info))
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
+            if draw_spec.family in ("deformation", "texture", "missing"):
+                # Pixels that moved or were replaced keep the input's noise but not its fine structure
+                # (an outline's edge left behind would show as a coloured fringe): there the detail is
+                # clipped to the noise's amplitude.
+                cap = max(4.5 * noise, 2.0)
+                w = np.clip(alpha, 0, 1)[..., None]
+                detail[win] = detail[win] * (1 - w) + np.clip(detail[win], -cap, cap) * w
         # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
         edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
         # Each defect's region is cut from the delivered pixels (before any JPEG pass, whose block noise

@@ -83,7 +83,7 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         raise NotApplicable("a texture has no background to show through")
     shape = spec.shape if spec.shape in _STYLE else "missing"
     rfac, irr, rough = _STYLE[shape]
-    radius = max(3.0, canvas.extent(spec.size, rng) / 2.0 * rfac)
+    radius = max(3.0, 0.035 * canvas.diameter, canvas.extent(spec.size, rng) / 2.0 * rfac)
     full_centre = _boundary_point(canvas, radius, rng)
     box = canvas.around(full_centre, 2.2 * radius + 6)
     sub = canvas.crop(box)
