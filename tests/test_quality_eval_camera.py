@@ -43,8 +43,9 @@ def photographed():
     assert bench_qe.visible(normal, syn.result.image, syn.result.region)
     drawn_clean = synthesize(ENGINE, PG, "capsule", "faulty_imprint", clean, seed=5, prompt=PROMPT).result
     region = ndi.binary_dilation(drawn_clean.region, iterations=1)
+    noise_free = _u8(ndi.gaussian_filter(drawn_clean.image.astype(np.float32), (0.8, 0.8, 0)))  # the sample's own grain too
     pasted = normal.copy()
-    pasted[region] = drawn_clean.image[region]
+    pasted[region] = noise_free[region]
     return syn, normal, syn.result.image, pasted
 
 
