@@ -9,11 +9,14 @@ measurable. The judge finds what changed (the same change mask MG uses) and then
 * quality (0–5): does it stand out from the surface's own texture (pixel contrast against the local
   texture, and the distance in ImageNet CNN features, `tools.features`), without garish colour or
   clipping, without a hard pasted seam, keeping the surface texture under it, and with nothing changed
-  outside it?
+  outside it? And is it free of the cues a detector would learn instead of the defect: sensor noise,
+  blur or JPEG blocking inside that differ from around it, a flat inside, seam energy piled on its
+  outline?
 
 Every failed check lowers one score by a graded penalty and names a fix in the shared vocabulary
-(`contrast=high`, `size=small`, `softness=soft`, `position=center`...), so the policy's next instruction
-moves the result in the right direction. All measurements are returned in `Evaluation.details`.
+(`contrast=high`, `size=small`, `softness=soft`, `position=center`, `interior=textured`,
+`noise=match`...), so the policy's next instruction moves the result in the right direction. All
+measurements are returned in `Evaluation.details`.
 
 The thresholds were set on the calibration seeds of `evals/bench_qe.py` and are reported there on
 held-out seeds and images.
