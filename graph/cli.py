@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_generator_arguments(q)
     q.set_defaults(func=cmd_eval_generators)
+    q = ev.add_parser("transfer", help="train a small detector on each generator, test it on anomalies it never made")
+    from evals import transfer_cli
+
+    transfer_cli.add_arguments(q)
+    q.set_defaults(func=transfer_cli.run)
 
     q = ev.add_parser("grpo", help="held-out GRPO reward of a policy before and one or more after training, "
                                    "on the same tasks and seeds, paired")
