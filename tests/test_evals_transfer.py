@@ -52,6 +52,8 @@ def test_tiny_run_writes_the_report_and_ends_with_the_summary_line(tiny_run):
         assert (out / name).is_file(), name
     assert list(report["rows"]) == list(ROWS)
     assert all(len(r["per_seed_auroc"]) == 2 for r in report["rows"].values())
+    # Rows without engine:F sources average over the same sources in both AUROC columns.
+    assert report["rows"]["draem"]["generators_auroc"] == pytest.approx(report["rows"]["draem"]["auroc"])
     md = (out / "report.md").read_text()
     assert "agent − open_loop" in md and "per held-out source" in md
     gain = report["agent_minus_open_loop"]
