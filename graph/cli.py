@@ -196,7 +196,7 @@ def _training(name: str) -> Callable[[argparse.Namespace], int]:
 #: Benchmark name -> module whose `main(argv)` runs it (evals/ is imported only when asked for).
 BENCHMARKS = {"qe": "evals.bench_qe", "agent": "evals.bench_agent", "loop": "evals.loop_study",
               "generators": "evals.bench_generators", "grpo-update": "evals.bench_grpo_update",
-              "rollouts": "evals.bench_rollouts"}
+              "rollouts": "evals.bench_rollouts", "diversity": "evals.bench_diversity", "camera": "evals.bench_camera"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

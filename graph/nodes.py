@@ -26,8 +26,9 @@ from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
 from graph.toolbox import get_toolbox
 from graph.trajectory import write_outputs
 from tools.image_store import ImageStore
+from tools.image_gen.camera import jpeg_settings
 from tools.imaging import load_image
-from tools.mask_gen import change_mask
+from tools.mask_gen import ChangeMaskGenerator, change_mask
 from tools.knowledge.catalog import load_catalog
 from tools.types import BackendUnavailableError, EvaluationRequest, GenerationRequest, KnowledgeEntry, PromptRequest
 
@@ -59,6 +60,7 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
     run_dir = Path(state.get("run_dir") or Path(config.run_root) / uuid.uuid4().hex[:12]).resolve()
     normal = load_image(state["image"])
     image_id = ImageStore(run_dir).put(normal)
+    jpeg = jpeg_settings(state["image"])
     subject = category.subject
     return {
         "category": category.name,
@@ -69,6 +71,8 @@ def start_run(state: AgentState, config: Configuration) -> dict[str, Any]:
         "is_texture": category.kind == "texture",
         "default_shape": defect.shape,
         "region": defect.region,
+        "jpeg_quality": jpeg.quality if jpeg else None,
+        "jpeg_subsampling": jpeg.subsampling if jpeg else 2,
         "images": {"1": image_id},
         "generations": {},
         "evaluations": {},
@@ -240,6 +244,8 @@ def run_image_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -
         default_shape=state.get("default_shape", "stain"),
         region=state.get("region"),
         seed=_derive_seed(state, "image_gen"),
+        jpeg_quality=state.get("jpeg_quality"),
+        jpeg_subsampling=state.get("jpeg_subsampling", 2),
     )
     result = get_toolbox(cfg).image.generate(image, request)
     store = _store(state)
@@ -288,7 +294,7 @@ def run_knowledge_retrieval(state: AgentState, args: dict[str, Any], cfg: Config
 def run_mask_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -> tuple[str, dict[str, Any]]:
     number = int(args["image"])
     edited = _image(state, number, generated=True)
-    result = get_toolbox(cfg).mask.generate(_image(state, 1), edited)
+    result = _mask(state, cfg, number, edited)
     record = {
         "mask_id": _store(state).put_mask(result.mask),
         "box": list(result.box) if result.box else None,
@@ -297,6 +303,16 @@ def run_mask_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) ->
     return prompts.mask_observation(number, result.area_fraction, record["box"]), {
         "masks": {**state.get("masks", {}), str(number): record}
     }
+
+
+def _mask(state: AgentState, cfg: Configuration, number: int, edited: Any) -> Any:
+    """MG on image `number`; the change-mask backend also gets the region IG stored for it (see
+    `ChangeMaskGenerator.generate` for the contract)."""
+    mask = get_toolbox(cfg).mask
+    region_id = ((state.get("generations") or {}).get(str(number)) or {}).get("region_id")
+    if isinstance(mask, ChangeMaskGenerator) and region_id:
+        return mask.generate(_image(state, 1), edited, known_region=_store(state).get(region_id))
+    return mask.generate(_image(state, 1), edited)
 
 
 TOOL_RUNNERS = {
@@ -334,7 +350,7 @@ def finalize_node(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
         # The policy stopped (or ran out of steps) before masking its best image: mask it here so
         # every finished run has a mask, and say so in the result.
         try:
-            result = get_toolbox(cfg).mask.generate(_image(state, 1), _image(state, chosen))
+            result = _mask(state, cfg, chosen, _image(state, chosen))
             mask_by = "finalize"
         except BackendUnavailableError as error:
             # The mask model is down (the run usually ended backend_error for it already): keep the

@@ -46,6 +46,8 @@ class AgentState(TypedDict, total=False):
     is_texture: bool
     default_shape: str
     region: str | None
+    jpeg_quality: int | None  # the normal image's JPEG quality when it was a JPEG (IG's output goes through it)
+    jpeg_subsampling: int
 
     # Conversation; `next` and `pending_call` carry the policy's routed call to its tool node
     next: str

@@ -30,10 +30,23 @@ def _request(syn) -> EvaluationRequest:
 
 @pytest.fixture(scope="module")
 def goods():
+    """PG's instruction for each case, held at the knowledge entry's typical size and a medium contrast:
+    PG's own draws span each type's whole range, barely visible specks included, which this judge is not
+    asked to pass."""
+    from tools.knowledge.catalog import load_catalog
+    from tools.types import PromptRequest
+
+    catalog = load_catalog()
     out = []
     for k, (category, anomaly_type) in enumerate(CASES):
         normal = normal_for(category, 0, size=SIZE, seed=3)
-        out.append(synthesize(ENGINE, PG, category, anomaly_type, normal, seed=40 + k))
+        entry = catalog.entry(category, anomaly_type)
+        typical = f"Fixes: size={entry.typical.get('size', 'medium')}; contrast=medium"
+        prompt = PG.generate(PromptRequest(
+            category=category, anomaly_type=anomaly_type, subject=catalog.category(category).subject,
+            knowledge=[entry], seed=40 + k, feedback=typical,
+        ))
+        out.append(synthesize(ENGINE, PG, category, anomaly_type, normal, seed=40 + k, prompt=prompt))
     return out
 
 
@@ -138,7 +151,9 @@ def test_refinement_with_the_review_fixes_turns_a_failure_into_a_pass(goods) -> 
     off = _draw(normal, syn, syn.prompt, foreground=band)
     ev = JUDGE.evaluate(normal, off.image, _request(syn))
     assert not ev.passed and _fixes(ev).get("position") == "center"
-    moved = render_instruction(apply_fixes(parse_instruction(syn.prompt), ev.fixes), "the capsule")
+    # (Held at high contrast: the engine draws each attempt's look anew, and only the position is under test.)
+    clear = parse_instruction(syn.prompt).model_copy(update={"contrast": "high"})
+    moved = render_instruction(apply_fixes(clear, ev.fixes), "the capsule")
     ev2 = JUDGE.evaluate(normal, _draw(normal, syn, moved).image, _request(syn).model_copy(update={"prompt": moved}))
     assert ev2.passed and ev2.location > ev.location
 

@@ -24,6 +24,12 @@ from tools.types import MaskResult
 
 logger = logging.getLogger(__name__)
 
+#: Noise floor (levels) when the edited image is bit-identical to the normal one outside the change.
+EXACT_LEVEL = 1.5
+#: Mean change (levels, max over channels) inside a known region below which it is not trusted as the
+#: mask (the edit did not happen there, e.g. a region passed for another image).
+KNOWN_REGION_MIN_CHANGE = 1.0
+
 
 def _check_pair(normal: np.ndarray, edited: np.ndarray) -> None:
     for name, img in (("normal", normal), ("edited", edited)):
@@ -55,7 +61,13 @@ def difference_map(normal: np.ndarray, edited: np.ndarray, sigma: float = 0.8) -
 
 
 def noise_floor(diff: np.ndarray, minimum: float = 6.0, k: float = 5.0) -> float:
-    """Level below which a change is treated as noise: max(minimum, median + k·1.4826·MAD).
+    """Level below which a change is treated as noise: max(minimum, median + k·1.4826·MAD), or
+    `EXACT_LEVEL` when the image is bit-identical outside the change (median and MAD both under half a
+    level: an editor that touched only the defect, like the procedural engine).
+
+    Why the exact case: re-encoding backends move every pixel by a few levels, hence the absolute floor;
+    an editor that leaves the rest of the image untouched has no noise to guard against, and a faint
+    defect of a few levels is then still a real change.
 
     Args:
         diff: Difference map.
@@ -64,6 +76,8 @@ def noise_floor(diff: np.ndarray, minimum: float = 6.0, k: float = 5.0) -> float
     """
     med = float(np.median(diff))
     mad = float(np.median(np.abs(diff - med)))
+    if med + k * 1.4826 * mad < 0.5:
+        return EXACT_LEVEL
     return max(minimum, med + k * 1.4826 * mad)
 
 
@@ -150,7 +164,8 @@ def change_mask(
             st = ndi.generate_binary_structure(2, 1)
             sub = ndi.binary_closing(sub, st, iterations=close_radius, border_value=0)
         sub = ndi.binary_fill_holes(sub)
-        min_area = max(4, int(round(min_area_fraction * h * w)))
+        # Specks are dropped as re-encoding noise; an exact edit has none, so there only single pixels go.
+        min_area = 2 if floor <= EXACT_LEVEL else max(4, int(round(min_area_fraction * h * w)))
         labels, n = ndi.label(sub, structure=np.ones((3, 3)))
         if n:
             areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -183,9 +198,35 @@ class ChangeMaskGenerator:
     sigma: float = 0.5
     close_radius: int = 1
 
-    def generate(self, normal: np.ndarray, edited: np.ndarray) -> MaskResult:
-        """The change mask of `edited` against `normal` (see `change_mask`)."""
-        return change_mask(
+    def generate(
+        self, normal: np.ndarray, edited: np.ndarray, known_region: np.ndarray | None = None
+    ) -> MaskResult:
+        """The defect mask of `edited` against `normal`.
+
+        Contract: when the image backend knows the region it changed (the procedural engine does; the
+        graph passes it from the generation's stored `region_id`), that region is the mask, provided the
+        edit really changed it (the pixels inside differ from the normal image by at least
+        `KNOWN_REGION_MIN_CHANGE` levels on average); otherwise, and for backends that do not know their
+        region (inpainters, edit endpoints), the mask is the colour-difference change mask
+        (`change_mask`). Why: a faint defect that carries the image's own noise and JPEG blocking is
+        exactly what a detector should learn from, and exactly what a difference threshold cannot cut
+        out; the engine's region is exact by construction. `info["source"]` says which one was used.
+        """
+        if known_region is not None:
+            region = np.asarray(known_region, bool)
+            _check_pair(normal, edited)
+            if region.shape == normal.shape[:2] and region.any():
+                change = float(difference_map(normal, edited, 0.0)[region].mean())
+                if change >= KNOWN_REGION_MIN_CHANGE:
+                    ys, xs = np.nonzero(region)
+                    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+                    return MaskResult(
+                        mask=region.copy(),
+                        box=box,
+                        info={"source": "engine_region", "mean_change": round(change, 2),
+                              "area_fraction": round(float(region.mean()), 5)},
+                    )
+        result = change_mask(
             normal,
             edited,
             min_area_fraction=self.min_area_fraction,
@@ -194,3 +235,5 @@ class ChangeMaskGenerator:
             sigma=self.sigma,
             close_radius=self.close_radius,
         )
+        result.info["source"] = "change_mask"
+        return result

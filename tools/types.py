@@ -70,6 +70,10 @@ class GenerationRequest(BaseModel):
     default_shape: str = "stain"
     region: str | None = None
     seed: int = 0
+    jpeg_quality: int | None = Field(
+        default=None, ge=1, le=100, description="The input's JPEG quality when it was a JPEG; the output then goes through it too."
+    )
+    jpeg_subsampling: int = Field(default=2, ge=0, le=2, description="The input's chroma subsampling (0 4:4:4, 1 4:2:2, 2 4:2:0).")
 
 
 @dataclass

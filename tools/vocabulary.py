@@ -24,10 +24,17 @@ Family = Literal["line", "blob", "hole", "missing", "deformation", "texture"]
 Size = Literal["tiny", "small", "medium", "large"]
 Contrast = Literal["low", "medium", "high"]
 Softness = Literal["sharp", "soft"]
+Outline = Literal["smooth", "ragged"]
+Interior = Literal["uniform", "mottled", "textured"]
 
 SIZES: tuple[Size, ...] = ("tiny", "small", "medium", "large")
 CONTRASTS: tuple[Contrast, ...] = ("low", "medium", "high")
 SOFTNESSES: tuple[Softness, ...] = ("sharp", "soft")
+OUTLINES: tuple[Outline, ...] = ("smooth", "ragged")
+INTERIORS: tuple[Interior, ...] = ("uniform", "mottled", "textured")
+
+#: Attributes whose word, when the instruction has none, leaves the engine its broad distribution.
+SAMPLED_ATTRIBUTES: tuple[str, ...] = ("size", "contrast", "softness")
 
 #: Defect nouns the engine draws, each with its family. Order matters for parsing: longer,
 #: more specific words first, so "metal contamination" is not read as "metal".
@@ -173,6 +180,30 @@ SOFTNESS_SYNONYMS: dict[str, Softness] = {
     "feathered": "soft",
 }
 
+#: Outline words: how regular the defect's boundary is.
+OUTLINE_SYNONYMS: dict[str, Outline] = {
+    "smooth outline": "smooth",
+    "clean outline": "smooth",
+    "regular outline": "smooth",
+    "ragged": "ragged",
+    "jagged outline": "ragged",
+    "frayed": "ragged",
+    "torn": "ragged",
+    "irregular outline": "ragged",
+}
+
+#: Interior words: how much the defect's inside varies (never a flat fill; "uniform" is the least).
+INTERIOR_SYNONYMS: dict[str, Interior] = {
+    "uniform interior": "uniform",
+    "evenly coloured": "uniform",
+    "mottled": "mottled",
+    "blotchy": "mottled",
+    "patchy": "mottled",
+    "textured": "textured",
+    "grainy": "textured",
+    "granular": "textured",
+}
+
 #: Colour words and the RGB they stand for. "dark" and "light" mean relative to the surface.
 COLOURS: dict[str, tuple[int, int, int] | None] = {
     "dark": None,
@@ -209,12 +240,19 @@ class DefectSpec(BaseModel):
     colour: str = "dark"
     count: int = Field(default=1, ge=1, le=4)
     region: str | None = Field(default=None, description="Named sub-region from the knowledge base, e.g. 'rim'.")
+    outline: Outline | None = Field(default=None, description="Boundary regularity; None: the engine samples it.")
+    interior: Interior | None = Field(default=None, description="Interior variation; None: the engine samples it.")
+    unstated: list[str] = Field(
+        default_factory=list,
+        description="Attributes of SAMPLED_ATTRIBUTES the instruction named no word for: the engine then draws "
+        "them from the type's broad distribution instead of the default word's narrower one.",
+    )
 
 
 class Fix(BaseModel):
     """One change a review asks for, in this vocabulary (attribute ∈ DefectSpec's fields)."""
 
-    attribute: Literal["position", "size", "contrast", "softness", "colour", "count", "region"]
+    attribute: Literal["position", "size", "contrast", "softness", "colour", "count", "region", "outline", "interior"]
     value: str
     reason: str = ""
 
@@ -258,9 +296,10 @@ def parse_instruction(text: str, default_shape: str = "stain", region: str | Non
     shape = find_shape(norm) or default_shape
     family = SHAPE_FAMILIES.get(shape, "blob")
     position = _find_first(norm, {p: p for p in POSITIONS} | POSITION_SYNONYMS) or "anywhere"
-    size = _find_first(norm, SIZE_SYNONYMS) or "medium"
-    contrast = _find_first(norm, CONTRAST_SYNONYMS) or "medium"
-    softness = _find_first(norm, SOFTNESS_SYNONYMS) or ("soft" if family == "blob" else "sharp")
+    size = _find_first(norm, SIZE_SYNONYMS)
+    contrast = _find_first(norm, CONTRAST_SYNONYMS)
+    softness = _find_first(norm, SOFTNESS_SYNONYMS)
+    unstated = [name for name, word in (("size", size), ("contrast", contrast), ("softness", softness)) if word is None]
     colour = _find_first(norm, {c: c for c in COLOURS}) or "dark"
     count_word = _find_first(norm, {w: str(n) for w, n in _NUMBER_WORDS.items() if w not in ("a", "an")})
     count = int(count_word) if count_word else 1
@@ -269,12 +308,15 @@ def parse_instruction(text: str, default_shape: str = "stain", region: str | Non
         shape=shape,
         family=family,
         position=position,
-        size=size,
-        contrast=contrast,
-        softness=softness,
+        size=size or "medium",
+        contrast=contrast or "medium",
+        softness=softness or ("soft" if family == "blob" else "sharp"),
         colour=colour,
         count=count,
         region=region_match.group(1) if region_match else region,
+        outline=_find_first(norm, OUTLINE_SYNONYMS),
+        interior=_find_first(norm, INTERIOR_SYNONYMS),
+        unstated=unstated,
     )
 
 
@@ -286,9 +328,12 @@ def render_instruction(spec: DefectSpec, subject: str = "the object") -> str:
     noun = spec.shape if spec.count == 1 else f"{spec.shape}{'es' if spec.shape.endswith(('ch', 'sh')) else 's'}"
     where = "anywhere on" if spec.position == "anywhere" else f"in the {spec.position} of"
     region = f" on the {spec.region} region" if spec.region else ""
+    look = [f"a {spec.outline} outline" if spec.outline == "smooth" else "a ragged outline"] if spec.outline else []
+    look += [f"a {spec.interior} interior"] if spec.interior else []
+    details = f", {' and '.join(look)}" if look else ""
     return (
         f"Add {_COUNT_TEXT[spec.count]} {spec.size} {spec.colour} {noun} with {spec.softness} edges, "
-        f"{spec.contrast} contrast, {where} {subject}{region}."
+        f"{spec.contrast} contrast{details}, {where} {subject}{region}."
     )
 
 
@@ -300,6 +345,8 @@ def apply_fixes(spec: DefectSpec, fixes: list[Fix]) -> DefectSpec:
         "softness": SOFTNESSES,
         "position": POSITIONS,
         "colour": tuple(COLOURS),
+        "outline": OUTLINES,
+        "interior": INTERIORS,
     }
     update: dict[str, object] = {}
     for fix in fixes:
@@ -311,6 +358,8 @@ def apply_fixes(spec: DefectSpec, fixes: list[Fix]) -> DefectSpec:
             update["region"] = value or None
         elif value in allowed[fix.attribute]:
             update[fix.attribute] = value
+    if update:
+        update["unstated"] = [a for a in spec.unstated if a not in update]
     return spec.model_copy(update=update)
 
 

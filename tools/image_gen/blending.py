@@ -25,10 +25,6 @@ CONTRAST_DELTA: dict[str, float] = {"low": 26.0, "medium": 45.0, "high": 72.0}
 #: How far a named colour replaces the surface colour, per contrast word.
 TINT_STRENGTH: dict[str, float] = {"low": 0.42, "medium": 0.65, "high": 0.88}
 
-#: Smallest mean change (levels, max over channels) a defect may have inside its region; anything
-#: fainter is amplified so that a "low contrast" defect is still there to see and to mask.
-MIN_VISIBLE = 14.0
-
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -228,44 +224,3 @@ def texture_contrast(image: np.ndarray, alpha: np.ndarray) -> float:
     if ring.sum() < 8:
         return 0.0
     return float(luminance(image)[ring].std()) + 5.0
-
-
-def ensure_visible(
-    before: np.ndarray, after: np.ndarray, alpha: np.ndarray, minimum: float = MIN_VISIBLE
-) -> tuple[np.ndarray, float]:
-    """Amplify a change whose mean strength inside the defect is below `minimum` levels.
-
-    Why: a named colour close to the surface colour, or a lightening on an almost white surface, can
-    come out invisible; an invisible defect is neither a defect nor maskable. The change is scaled up
-    (at most 4×); if it is still too faint, a luminance change is added.
-
-    Args:
-        before: Image before the defect (float RGB).
-        after: Image with the defect.
-        alpha: The defect's coverage.
-        minimum: Required mean max-channel change where alpha ≥ 0.5.
-
-    Returns:
-        (possibly amplified image, the gain applied, 1.0 when none).
-    """
-    inside = alpha >= 0.5
-    if not inside.any():
-        return after, 1.0
-    diff = after - before
-    strength = float(max_abs_diff(after, before)[inside].mean())
-    if strength >= minimum:
-        return after, 1.0
-    gain = min(4.0, minimum / max(strength, 1e-3))
-    # Amplify within the colours already there (the surface's and the defect's own, with a little room):
-    # scaling a small hue shift up must not run off into a saturated primary.
-    lo = np.minimum(before.reshape(-1, 3).min(axis=0), after.reshape(-1, 3).min(axis=0)) - 25.0
-    hi = np.maximum(before.reshape(-1, 3).max(axis=0), after.reshape(-1, 3).max(axis=0)) + 25.0
-    out = np.clip(before + diff * gain, np.maximum(lo, 0), np.minimum(hi, 255))
-    # ...and never all the way to black or white: darken by at most 75%, lighten by at most 85% of the room.
-    out = np.clip(out, 0.25 * before, before + 0.85 * (255.0 - before)).astype(np.float32)
-    strength = float(max_abs_diff(out, before)[inside].mean())
-    if strength < minimum:
-        lm = float(luminance(before)[inside].mean())
-        sign = -1 if lm > 128 else 1
-        out = change_luminance(out, alpha, sign * (minimum - strength) * 1.3)
-    return out, gain

@@ -55,7 +55,7 @@ def _outline(
         rng,
         irregularity=irr,
         harmonics=harm,
-        roughness=rough,
+        roughness=rough + canvas.ragged,
         aspect=float(rng.uniform(min_aspect, 1.0)),
         angle=float(rng.uniform(0, np.pi)),
     )
@@ -234,7 +234,7 @@ def _contamination(
     alpha = np.zeros(canvas.shape, np.float32)
     texture = smooth_noise(canvas.shape, 0.8, rng)
     particles = []
-    min_r = max(1.6, 0.012 * canvas.diameter)
+    min_r = 0.8 if canvas.look is not None else max(1.6, 0.012 * canvas.diameter)
     for i in range(n):
         if i == 0 or n == 1:
             pc = centre
@@ -251,7 +251,7 @@ def _contamination(
             rng,
             irregularity=0.3,
             harmonics=5,
-            roughness=0.06,
+            roughness=0.06 + canvas.ragged,
             aspect=float(rng.uniform(0.5, 1)),
             angle=float(rng.uniform(0, np.pi)),
         )

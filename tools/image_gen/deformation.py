@@ -101,7 +101,7 @@ def render_deformation(canvas: Canvas, spec: DefectSpec, rng: np.random.Generato
         strip it left).
     """
     shape = spec.shape if spec.shape in ("bent", "squeeze", "fold", "misplaced", "flip") else "bent"
-    radius = max(4.0, 0.05 * canvas.diameter, canvas.extent(spec.size, rng) / 2.0 * 1.2)
+    radius = max(2.0, canvas.extent(spec.size, rng) / 2.0 * 1.2)
     at_outline = None
     if shape in ("bent", "squeeze"):
         # Bent and squeezed parts are most often at the outline (a tab, an end, a pin); go there when the
@@ -270,10 +270,15 @@ def _at_outline(
     background = ~ndi.binary_dilation(fg, iterations=2)
     gone = np.clip(fg.astype(np.float32) - moved_fg, 0, 1)
     if background.sum() >= 8 and gone.max() > 0:
-        fill = background_fill(img, background, max(2.0, radius / 2), rng)
+        fill = background_fill(img, background, max(2.0, radius / 2))
         shaded = shaded * (1 - gone[..., None]) + fill * gone[..., None]
     # Soft coverage: the flap fades in over a pixel at its sides.
     out = img + (shaded - img) * np.clip(np.maximum(body, gone) * 1.0 + 0.0, 0, 1)[..., None]
     alpha = np.clip(np.maximum(body, gone), 0, 1) * np.maximum(fg, gone > 0)
     info["receded_px"] = int((gone >= 0.5).sum())
-    return Stamp(image=np.clip(out, 0, 255).astype(np.float32), alpha=alpha.astype(np.float32), box=box, info=info)
+    return Stamp(
+        image=np.clip(out, 0, 255).astype(np.float32),
+        alpha=alpha.astype(np.float32),
+        box=box,
+        info=info,
+    )

@@ -5,6 +5,11 @@ knows the true region of every defect it draws, which a diffusion inpainter does
 the instruction with the shared vocabulary, finds the product, picks a family renderer and composes
 `spec.count` defects, each placed on the product in the requested position, away from the others, under
 one light direction.
+
+Every defect gets its own sampled appearance (`appearance.sample_look`: size, contrast, softness, outline,
+interior) and is drawn camera-consistently (`camera`): on the input's low-pass layer, with the input's own
+high-pass detail (noise, grain, block edges) added back everywhere afterwards, blurred to the input's
+sharpness, and, for a JPEG input, with the touched blocks re-encoded at the input's quality.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools.foreground import estimate_foreground, foreground_diameter
-from tools.image_gen.blending import MIN_VISIBLE, Stamp, ensure_visible, max_abs_diff, texture_contrast
+from tools.image_gen.appearance import finish_stamp, sample_look
+from tools.image_gen.blending import Stamp, max_abs_diff
 from tools.image_gen.blob import render_blob
+from tools.image_gen.camera import (
+    RENDER_SIGMA,
+    JpegSettings,
+    estimate_blur,
+    estimate_noise,
+    recompress_blocks,
+    split_detail,
+)
 from tools.image_gen.deformation import render_deformation
 from tools.image_gen.hole import render_hole
 from tools.image_gen.line import render_line
@@ -65,8 +79,10 @@ FALLBACKS: dict[str, tuple[str, str]] = {
     "hole": ("hole", "hole"),
 }
 
-#: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels...
-VISIBLE_LEVEL = 5.0
+#: A pixel counts as changed when its (lightly smoothed) max-channel change reaches this many levels
+#: (outside the defects the engine leaves every pixel as it was, so a faint defect's pixels still
+#: count; MG's change mask uses the same level for such exact edits)...
+VISIBLE_LEVEL = 1.5
 #: ...and half the defect's typical change (75th percentile of its substantial changes where
 #: alpha ≥ 0.5). This is the half-maximum convention: a defect's extent ends where its effect has
 #: faded to half, as on a soft outline where the coverage crosses 0.5. MG's change mask uses the
@@ -166,7 +182,8 @@ class ProceduralEngine:
                 benchmarks use it to place defects deliberately off the object).
 
         Returns:
-            `GenerationResult` with the edited uint8 image, `region` (bool: pixels that belong to a
+            `GenerationResult` with the edited uint8 image (through the request's JPEG quality when it
+            has one), `region` (bool: pixels that belong to a
             defect and visibly changed), the parsed `spec`, and `info` with the sampled parameters
             (one entry per defect under "defects", plus "fallback" when another family stood in).
         """
@@ -183,6 +200,8 @@ class ProceduralEngine:
             )
         spec = parse_instruction(request.prompt, default_shape=request.default_shape, region=request.region)
         rng = np.random.default_rng(request.seed)
+        # Appearance draws come from their own stream, so a word changes its attribute and nothing else.
+        look_rng = np.random.default_rng([request.seed, 0xD1CE])
         fg, depth = self._foreground(image, request.is_texture)
         diameter = foreground_diameter(fg)  # sizes stay relative to the product even when drawn elsewhere
         if foreground is not None:
@@ -201,8 +220,12 @@ class ProceduralEngine:
             if position == "anywhere":
                 position = region_position(spec.region) or "anywhere"
             allowed = region_mask(fg, position, rng)
+        low, detail = split_detail(image)
+        blur = estimate_blur(image)
+        noise = estimate_noise(image)
+        camera_sigma = float(np.sqrt(max(blur**2 - RENDER_SIGMA**2, 0.0)))
         canvas = Canvas(
-            image=image.astype(np.float32),
+            image=low.copy(),
             foreground=fg,
             allowed=allowed,
             occupied=np.zeros(fg.shape, bool),
@@ -227,47 +250,61 @@ class ProceduralEngine:
             "light_xy": [round(v, 3) for v in canvas.light],
             "foreground_fraction": round(float(fg.mean()), 4),
             "foreground_diameter_px": round(canvas.diameter, 1),
+            "camera_noise_sigma": round(noise, 2),
+            "camera_blur_px": round(blur, 2),
+            "jpeg_quality": request.jpeg_quality,
             "defects": [],
         }
         draw_spec, renderer, fallback = self._renderer_for(spec)
         if fallback:
             info["fallback"] = fallback
         region = np.zeros(fg.shape, bool)
+        drawn: list[tuple[tuple[slice, slice], np.ndarray, dict[str, Any]]] = []
         for _ in range(spec.count):
-            try:
-                stamp = renderer(canvas, draw_spec, rng)
-            except NotApplicable as exc:
-                fam, shape = FALLBACKS[draw_spec.family]
-                logger.info("%s cannot draw here (%s); falling back to %s", draw_spec.shape, exc, shape)
-                info["fallback"] = f"{draw_spec.family}->{fam}:{shape} ({exc})"
-                draw_spec = draw_spec.model_copy(update={"family": fam, "shape": shape})
-                renderer = RENDERERS[fam]
-                stamp = renderer(canvas, draw_spec, rng)
+            look = sample_look(draw_spec, look_rng, is_texture=request.is_texture, strength=params.strength)
+            canvas.look = look
+            stamp, draw_spec, renderer = self._draw(canvas, draw_spec, renderer, rng, info)
             x0, y0, x1, y1 = stamp.box
             win = (slice(y0, y1), slice(x0, x1))
             before = canvas.image[win]
-            if params.strength != 1.0:
-                stamp.image = np.clip(before + (stamp.image - before) * params.strength, 0, 255).astype(np.float32)
-            # At least as strong as the surface's own spread, more so for stronger contrast words (so
-            # that the words stay ordered even where every one of them needed a boost).
-            factor = params.min_visibility * {"low": 0.85, "medium": 1.0, "high": 1.3}[draw_spec.contrast]
-            minimum = max(MIN_VISIBLE, factor * texture_contrast(before, stamp.alpha))
-            if draw_spec.family in ("blob", "line", "hole"):
-                out, gain = ensure_visible(before, stamp.image, stamp.alpha, minimum)
-            else:
-                # Moved or transplanted product and re-synthesised background: scaling their change
-                # up would invent colours; these renderers set their own strength.
-                out, gain = stamp.image, 1.0
-            mine = defect_region(before, out, stamp.alpha)
-            region[win] |= mine
-            stamp.info["area_px"] = int(mine.sum())
+            extent = canvas.extent(draw_spec.size, look_rng)
+            out, alpha, finished = finish_stamp(
+                before,
+                stamp.image,
+                stamp.alpha,
+                look,
+                family=draw_spec.family,
+                extent=extent,
+                camera_sigma=camera_sigma,
+                surface=before + detail[win],
+                thickness=3.0 * stamp.info["width_px"] if draw_spec.family == "line" and "width_px" in stamp.info else None,
+                rng=look_rng,
+            )
+            stamp.alpha = alpha
             stamp.info["box"] = list(stamp.box)
-            if gain != 1.0:
-                stamp.info["visibility_gain"] = round(gain, 2)
+            stamp.info["look"] = look.as_info() | finished
             info["defects"].append(stamp.info)
+            drawn.append((win, alpha, stamp.info))
             canvas.occupied[win] |= stamp.alpha >= 0.05
             canvas.image[win] = out
-        edited = np.clip(np.round(canvas.image), 0, 255).astype(np.uint8)
+            if draw_spec.family in ("deformation", "texture", "missing"):
+                # Pixels that moved or were replaced keep the input's noise but not its fine structure
+                # (an outline's edge left behind would show as a coloured fringe): there the detail is
+                # clipped to the noise's amplitude.
+                cap = max(4.5 * noise, 2.0)
+                w = np.clip(alpha, 0, 1)[..., None]
+                detail[win] = detail[win] * (1 - w) + np.clip(detail[win], -cap, cap) * w
+        # The input's own detail (noise, grain, block edges) goes back everywhere, the defects included.
+        edited = np.clip(np.round(canvas.image + detail), 0, 255).astype(np.uint8)
+        # Each defect's region is cut from the delivered pixels (before any JPEG pass, whose block noise
+        # is no part of the defect), so that it is exactly what a difference of the two images shows.
+        for win, alpha, stamp_info in drawn:
+            mine = defect_region(image[win].astype(np.float32), edited[win].astype(np.float32), alpha)
+            region[win] |= mine
+            stamp_info["area_px"] = int(mine.sum())
+        if request.jpeg_quality is not None:
+            settings = JpegSettings(request.jpeg_quality, request.jpeg_subsampling)
+            edited = recompress_blocks(edited, (edited != image).any(axis=-1), settings)
         info["area_fraction"] = round(float(region.mean()), 5)
         info["region_in_foreground"] = round(float((region & fg).sum() / max(region.sum(), 1)), 4)
         if not region.any():
@@ -275,6 +312,21 @@ class ProceduralEngine:
                 "the %s came out invisible (seed %d); the region is empty", spec.shape, request.seed
             )
         return GenerationResult(image=edited, region=region, spec=spec, info=_plain(info))
+
+    @staticmethod
+    def _draw(
+        canvas: Canvas, spec: DefectSpec, renderer: Renderer, rng: np.random.Generator, info: dict[str, Any]
+    ) -> tuple[Stamp, DefectSpec, Renderer]:
+        """Run the renderer, or its family's fallback when it declines the image (noted in `info`)."""
+        try:
+            return renderer(canvas, spec, rng), spec, renderer
+        except NotApplicable as exc:
+            fam, shape = FALLBACKS[spec.family]
+            logger.info("%s cannot draw here (%s); falling back to %s", spec.shape, exc, shape)
+            info["fallback"] = f"{spec.family}->{fam}:{shape} ({exc})"
+            spec = spec.model_copy(update={"family": fam, "shape": shape})
+            renderer = RENDERERS[fam]
+            return renderer(canvas, spec, rng), spec, renderer
 
     @staticmethod
     def _renderer_for(spec: DefectSpec) -> tuple[DefectSpec, Renderer, str | None]:

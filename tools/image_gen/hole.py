@@ -92,7 +92,7 @@ def render_hole(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     shape = spec.shape if spec.shape in _STYLE else "hole"
     rfac, depth_ratio, floor_dark, lip, rough = _STYLE[shape]
     extent = canvas.extent(spec.size, rng)
-    radius = max(2.0, extent / 2.0 * rfac)
+    radius = max(1.0, extent / 2.0 * rfac)
     full_centre = sample_centre(canvas, radius * 1.25, rng)
     sigma = edge_sigma(spec.softness, radius) if spec.softness == "soft" else 0.6
     box = canvas.around(full_centre, 1.6 * radius + 3.5 * sigma + 4)
@@ -105,7 +105,7 @@ def render_hole(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
         rng,
         irregularity=0.06 if shape != "poke" else 0.15,
         harmonics=5,
-        roughness=rough,
+        roughness=rough + 0.6 * canvas.ragged,
         aspect=float(rng.uniform(0.8, 1.0)),
         angle=float(rng.uniform(0, np.pi)),
     )

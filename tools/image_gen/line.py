@@ -133,8 +133,11 @@ def render_line(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     extent = canvas.extent(spec.size, rng)
     length = style[0] * extent
     width = base_width(canvas, spec.size) * style[5]
+    if canvas.look is not None:
+        # The look's width: from a hairline to a broad gouge, relative to the line's extent.
+        width = float(np.clip(canvas.look.width_frac * extent * style[5], 1.0, 0.05 * length * style[5] + 1.0))
     if shape in ("print", "stroke"):
-        width = max(4.0, 0.28 * extent)
+        width = max(2.5 if canvas.look is not None else 4.0, 0.28 * extent)
     pts, heading = _place_path(canvas, rng, length, width, style)
     delta = CONTRAST_DELTA[spec.contrast]
     sigma = edge_sigma(spec.softness, width / 2)
@@ -149,7 +152,7 @@ def render_line(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     sub = canvas.crop(box)
     local = pts - np.array(sub.origin, np.float32)
     field = path_field(local, sub.shape, margin)
-    half = _half_width(field, width, rng, lens=shape == "cut")
+    half = _half_width(field, width, rng, wobble=0.15 + 1.5 * canvas.ragged, lens=shape == "cut")
     strength = _ends(field.t) * (0.88 + 0.12 * np.interp(field.t, np.linspace(0, 1, 6), rng.uniform(0, 1, 6)))
     cover = edge_alpha(half - field.dist, sigma) * sub.fg_soft
     alpha = cover * strength

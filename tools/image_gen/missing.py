@@ -2,8 +2,8 @@
 
 Why at the outline: material breaks off where the product is exposed, so the bite is centred on the
 foreground boundary and the background shows through where the product was. The background is
-re-synthesised from the nearby background (normalised convolution, plus noise of the background's own
-grain) so an uneven backdrop stays uneven. Along the new edge a thin fracture face is shaded by the
+re-synthesised from the nearby background (normalised convolution) so an uneven backdrop stays uneven;
+its pixel-scale grain is the input's own detail, which the engine adds back over every defect. Along the new edge a thin fracture face is shaded by the
 request's light: lit where it faces the light, dark where it faces away. Textures have no background
 to show; there the renderer declines and the engine draws a hole instead.
 """
@@ -47,16 +47,13 @@ def _boundary_point(canvas: Canvas, radius: float, rng: np.random.Generator) -> 
     raise NotApplicable("no free point on the product's outline")
 
 
-def background_fill(
-    image: np.ndarray, background: np.ndarray, sigma: float, rng: np.random.Generator
-) -> np.ndarray:
+def background_fill(image: np.ndarray, background: np.ndarray, sigma: float) -> np.ndarray:
     """Estimate what the background looks like at every pixel of a window, from its background pixels.
 
     Args:
         image: float RGB window.
         background: Bool mask of background pixels in the window.
         sigma: Smoothing scale of the estimate (px).
-        rng: Noise source for the background's grain.
 
     Returns:
         float32 RGB window of plausible background.
@@ -65,8 +62,7 @@ def background_fill(
     acc = ndi.gaussian_filter(image * background[..., None], (sigma, sigma, 0))
     mean_bg = image[background].mean(axis=0) if background.any() else image.reshape(-1, 3).mean(axis=0)
     fill = np.where(wgt[..., None] > 0.02, acc / np.maximum(wgt[..., None], 1e-6), mean_bg[None, None, :])
-    grain = float(np.std(image[background] - fill[background])) if background.sum() > 16 else 1.0
-    return (fill + rng.normal(0, min(grain, 8.0), image.shape)).astype(np.float32)
+    return fill.astype(np.float32)
 
 
 def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> Stamp:
@@ -99,7 +95,7 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         rng,
         irregularity=irr,
         harmonics=6,
-        roughness=rough,
+        roughness=rough + sub.ragged,
         aspect=float(rng.uniform(0.6, 1.0)),
         angle=float(rng.uniform(0, np.pi)),
     )
@@ -108,7 +104,7 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
     background = ~sub.foreground
     if background.sum() < 8:
         raise NotApplicable("no background next to the chosen outline point")
-    fill = background_fill(sub.image, background, max(2.0, radius / 2), rng)
+    fill = background_fill(sub.image, background, max(2.0, radius / 2))
     out = composite(sub.image, fill, bite)
     # Fracture face: a thin band along the new edge, on the remaining product.
     face_w = max(1.2, 0.12 * radius)
@@ -132,5 +128,8 @@ def render_missing(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         "contrast": spec.contrast,
     }
     return Stamp(
-        image=np.clip(out, 0, 255).astype(np.float32), alpha=alpha.astype(np.float32), box=box, info=info
+        image=np.clip(out, 0, 255).astype(np.float32),
+        alpha=alpha.astype(np.float32),
+        box=box,
+        info=info,
     )

@@ -24,7 +24,6 @@ class TypeParams:
 
     extent: float = 1.0
     strength: float = 1.0
-    min_visibility: float = 1.2
 
 
 @lru_cache(maxsize=1)

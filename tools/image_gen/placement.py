@@ -9,11 +9,15 @@ to hold the whole defect, and away from defects already drawn so that "two holes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from tools.foreground import foreground_box, foreground_diameter
+
+if TYPE_CHECKING:
+    from tools.image_gen.appearance import Look
 
 
 class NotApplicable(Exception):
@@ -23,6 +27,9 @@ class NotApplicable(Exception):
 
 #: Defect extent per size word, as a fraction of the foreground's equivalent diameter.
 SIZE_EXTENT: dict[str, float] = {"tiny": 0.03, "small": 0.07, "medium": 0.14, "large": 0.25}
+
+#: Largest defect extent as a fraction of the product's diameter (after the per-type multiplier).
+MAX_EXTENT = 0.6
 
 #: Named knowledge-base sub-regions that map onto a position word.
 REGION_POSITIONS: dict[str, str] = {
@@ -166,6 +173,8 @@ class Canvas:
         origin: (x0, y0) of this canvas in the full image; (0, 0) unless it is a crop.
         is_texture: True for texture categories (the whole frame is product, there is no background).
         scale: Multiplier on every size word's extent (a per-type adjustment from types.yaml).
+        look: The defect's sampled appearance (size, line width, outline raggedness); None keeps the size
+            words' fixed extents.
     """
 
     image: np.ndarray
@@ -179,6 +188,7 @@ class Canvas:
     origin: tuple[int, int] = (0, 0)
     is_texture: bool = False
     scale: float = 1.0
+    look: Look | None = None
 
     def __post_init__(self) -> None:
         if self.depth is None:
@@ -191,8 +201,17 @@ class Canvas:
         return self.foreground.shape  # type: ignore[return-value]
 
     def extent(self, size: str, rng: np.random.Generator) -> float:
-        """Defect extent in pixels for a size word, jittered ±15%, at least 8 px (less is hardly visible)."""
-        return float(max(8.0, SIZE_EXTENT.get(size, 0.14) * self.scale * self.diameter * rng.uniform(0.85, 1.15)))
+        """Defect extent in pixels: the look's sampled extent (at least 1.5 px: a speck of a few pixels is
+        a defect too), or without a look the size word's, jittered ±15%, at least 8 px."""
+        jitter = rng.uniform(0.85, 1.15)  # drawn either way, so placement draws stay aligned
+        if self.look is not None:
+            return float(max(1.5, min(MAX_EXTENT, self.look.extent_frac * self.scale) * self.diameter))
+        return float(max(8.0, SIZE_EXTENT.get(size, 0.14) * self.scale * self.diameter * jitter))
+
+    @property
+    def ragged(self) -> float:
+        """Extra fractal outline amplitude (fraction of the radius) the look asks for; 0 without a look."""
+        return self.look.ragged if self.look is not None else 0.0
 
     def window(self, x0: float, y0: float, x1: float, y1: float) -> tuple[int, int, int, int]:
         """Integer box (x0, y0, x1, y1), x1/y1 exclusive, covering the given extent, clipped to the canvas."""
@@ -221,6 +240,7 @@ class Canvas:
             origin=(self.origin[0] + x0, self.origin[1] + y0),
             is_texture=self.is_texture,
             scale=self.scale,
+            look=self.look,
         )
 
 

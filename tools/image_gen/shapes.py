@@ -41,6 +41,37 @@ def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator)
     return (noise - noise.mean()) / (std if std > 1e-8 else 1.0)
 
 
+def fractal_noise(
+    shape: tuple[int, int], scale: float, rng: np.random.Generator, *, octaves: int = 4, persistence: float = 0.55
+) -> np.ndarray:
+    """Fractal (fBm) noise: octaves of smoothed noise, each half the scale and `persistence` times the
+    amplitude of the one before, normalised to zero mean and unit standard deviation.
+
+    Why: natural outlines and interiors (a torn edge, a stain's mottling, corrosion) vary at every scale;
+    one smooth octave gives the blobby look of a rendered shape.
+
+    Args:
+        shape: (H, W).
+        scale: Correlation length of the coarsest octave in pixels.
+        rng: Source of randomness.
+        octaves: How many octaves (the finest is scale / 2**(octaves-1), at least 0.5 px).
+        persistence: Amplitude ratio between successive octaves (higher: rougher).
+
+    Returns:
+        float32 (H, W).
+    """
+    total = np.zeros(shape, np.float32)
+    amp = 1.0
+    for k in range(max(1, octaves)):
+        sigma = max(scale / 2**k, 0.5)
+        total += amp * smooth_noise(shape, sigma, rng)
+        amp *= persistence
+        if sigma <= 0.5:
+            break
+    std = float(total.std())
+    return (total - total.mean()) / (std if std > 1e-8 else 1.0)
+
+
 def edge_alpha(field: np.ndarray, sigma: float) -> np.ndarray:
     """Turn a signed distance (positive inside, pixels) into a soft coverage in [0, 1].
 
@@ -85,7 +116,7 @@ def blob_field(
         harmonics: Highest harmonic; more gives a busier outline.
         aspect: Ratio of minor to major axis (≤ 1 elongates the blob).
         angle: Orientation of the major axis in radians.
-        roughness: Amplitude of fine outline noise relative to the radius (ragged, torn edges).
+        roughness: Amplitude of fractal outline noise relative to the radius (ragged, torn edges).
 
     Returns:
         float32 (H, W) approximate signed distance to the outline.
@@ -107,7 +138,7 @@ def blob_field(
     a = max(aspect, 0.05)
     field = (r - rho) * np.sqrt(np.cos(theta) ** 2 + (a * np.sin(theta)) ** 2)
     if roughness > 0:
-        field = field + roughness * radius * smooth_noise(shape, max(radius / 6.0, 0.8), rng)
+        field = field + roughness * radius * fractal_noise(shape, max(radius / 4.0, 0.8), rng, octaves=4)
     return field.astype(np.float32)
 
 

@@ -1,4 +1,6 @@
-"""Texture defects: a patch of foreign-looking surface, transplanted from elsewhere on the product.
+"""Texture defects: a patch of foreign-looking surface, transplanted from elsewhere on the product, a
+foreign material, or the surface's own texture statistics disturbed (warped weave, changed contrast or
+frequency).
 
 Why a transplant: a texture anomaly (a wrong weave, a patch of different grain) is the product's own
 material in the wrong arrangement. Taking a patch from another part of the product, turned by 90° or
@@ -14,10 +16,17 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from tools.image_gen.appearance import TEXTURE_OPS, disturb_texture, material_texture
 from tools.image_gen.blending import CONTRAST_DELTA, Stamp, change_luminance, composite, luminance
 from tools.image_gen.placement import Canvas, sample_centre
 from tools.image_gen.shapes import blob_field, edge_alpha
 from tools.vocabulary import DefectSpec
+
+
+#: How a texture defect changes the surface: a turned transplant of the product's own surface, a foreign
+#: material texture, or the surface's own statistics disturbed in place (`appearance.TEXTURE_OPS`).
+MODES: tuple[str, ...] = ("transplant", "foreign", *TEXTURE_OPS)
+MODE_WEIGHTS = (0.3, 0.2, 0.2, 0.15, 0.15)
 
 
 def _source_patch(
@@ -58,7 +67,7 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
     Returns:
         A `Stamp`; alpha is the patch's feathered outline.
     """
-    radius = max(4.0, canvas.extent(spec.size, rng) / 2.0)
+    radius = max(3.0, canvas.extent(spec.size, rng) / 2.0)
     full_centre = sample_centre(canvas, radius, rng)
     half = int(np.ceil(1.6 * radius)) + 2
     patch, source = _source_patch(canvas, full_centre, half, rng)
@@ -83,7 +92,7 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         rng,
         irregularity=0.18,
         harmonics=5,
-        roughness=0.03,
+        roughness=0.03 + sub.ragged,
         aspect=float(rng.uniform(0.65, 1)),
         angle=float(rng.uniform(0, np.pi)),
     )
@@ -100,6 +109,17 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
     layer = change_luminance(layer, np.ones(sub.shape, np.float32), sign * delta)
     # Slightly different grain: a touch of blur on the transplanted structure.
     layer = ndi.gaussian_filter(layer, (0.4, 0.4, 0))
+    # In-place disturbances need a texture to disturb; a smooth product gets a transplant or a material.
+    modes, weights = (MODES, MODE_WEIGHTS) if canvas.is_texture else (MODES[:2], (0.6, 0.4))
+    mode = str(rng.choice(modes, p=weights))
+    if mode == "foreign":
+        # A material this surface is not made of, at the surface's own spread, over its local mean.
+        spread = max(float(luminance(sub.image).std()), 6.0)
+        material = material_texture(sub.shape, rng, scale=float(rng.uniform(0.5, 2.0)))
+        layer = ndi.gaussian_filter(sub.image, (2.0, 2.0, 0)) + (spread * material)[..., None]
+    elif mode != "transplant":
+        # The surface's own statistics disturbed in place: weave/grain warp, contrast or frequency change.
+        layer = disturb_texture(sub.image, np.ones(sub.shape, np.float32), mode, 2.0 * radius, rng)
     out = composite(sub.image, layer, alpha)
     info: dict[str, Any] = {
         "kind": "texture",
@@ -107,6 +127,7 @@ def render_texture(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -
         "radius_px": round(radius, 1),
         "source_centre": [round(source[0], 1), round(source[1], 1)],
         "rotation_deg": 90 * k,
+        "mode": mode,
         "seam_sigma_px": round(sigma, 2),
         "brightness_offset": round(sign * delta, 1),
         "contrast": spec.contrast,
