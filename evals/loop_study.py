@@ -1,27 +1,35 @@
 """Closed loop vs open loop: does QE-driven refinement improve what the agent returns?
 
-Run: ``python -m evals.loop_study [--per-type 1] [--size 256] [--conditions default,timid,oversize,blind]``.
+Run: ``python -m evals.loop_study [--per-type 1] [--size 256] [--conditions default,reseed,timid,oversize,blind,clean]``.
 
 Every MVTec-AD and VisA (category, type) runs through the real graph (`graph.graph.build_graph`, scripted
 policy, default budget: 10 steps, 3 image generations) on a sample image standing in for its category.
 *Open loop* is what a single IG call would have given: the first attempt's QE verdict. *Closed loop* is
 the run's final answer: success when it masked an image that passed QE. The table gives both pass rates,
 the mean QE score of the first and the last attempt, how many runs refined at all, and how often a
-refinement raised the score.
+refinement raised the score; a second table gives the same per family.
 
-With the embedded engine's defaults nearly every first attempt already passes, so the loop has little to
-do. To show what the loop does when the image backend falls short, three more conditions wrap the engine
-in a deliberately flawed backend, each one a failure QE must name and the vocabulary can fix:
+The embedded engine samples each look from wide ranges (size, contrast, softness, interior), so on its
+defaults many first attempts are too faint for their surface, too large for their type or busier inside
+than the camera: the loop's work. To show what the loop does when the image backend falls short in one
+known way, four more conditions wrap the engine in a deliberately flawed backend, each one a failure QE
+must name and the vocabulary can fix:
 
 * timid: the backend under-delivers: "low" contrast gives 6% of the change, "medium" 15% (too faint;
   QE asks for contrast up);
 * oversize: size words draw 3x too big, "tiny" excepted (too large; QE asks for a smaller size);
+* clean: the backend wipes the camera's noise from inside the defect unless the instruction asks for the
+  image's own grain (a camera mismatch; QE asks for noise=match);
 * blind: the backend does not know where the product is and draws "anywhere"/"edge" defects on a band
   straddling the product's outline; position words such as "center" put them on the product (off the
   object; QE asks for position=center). Objects only (a texture has no outside).
 
 The wrappers replace only the image backend of the toolbox in this process; policy, PG, QE, KR and MG
 are the real ones.
+
+One control separates "better" from "different": *reseed* runs the default backend with a policy that
+keeps the failed instruction word for word on a retry (only IG's seed changes), so whatever the default
+condition gains over it comes from the review's fixes.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("LANGSMITH_TRACING", "false")
 
-CONDITIONS = ("default", "timid", "oversize", "blind")
+CONDITIONS = ("default", "reseed", "timid", "oversize", "blind", "clean")
 
 
 class TimidBackend:
@@ -72,16 +80,35 @@ class OversizeBackend:
         self.engine = engine
 
     def generate(self, image: np.ndarray, request):
-        from tools.image_gen import placement
+        from tools.image_gen import appearance
 
-        saved = dict(placement.SIZE_EXTENT)
+        saved = dict(appearance.SIZE_RANGE)
         try:
             for word in ("small", "medium", "large"):
-                placement.SIZE_EXTENT[word] = saved[word] * 3.0
+                lo, hi = saved[word]
+                appearance.SIZE_RANGE[word] = (lo * 3.0, hi * 3.0)
             return self.engine.generate(image, request)
         finally:
-            placement.SIZE_EXTENT.clear()
-            placement.SIZE_EXTENT.update(saved)
+            appearance.SIZE_RANGE.clear()
+            appearance.SIZE_RANGE.update(saved)
+
+
+class CleanBackend:
+    """The engine with the camera's noise wiped from inside the defect, unless the instruction asks for the
+    image's own grain (as an inpainting model that smooths what it paints unless told otherwise)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def generate(self, image: np.ndarray, request):
+        result = self.engine.generate(image, request)
+        if result.spec is not None and result.spec.noise == "match":
+            return result
+        inside = ndi.binary_dilation(result.region, iterations=1)
+        smooth = ndi.gaussian_filter(result.image.astype(np.float32), (1.2, 1.2, 0))
+        edited = result.image.copy()
+        edited[inside] = np.clip(np.round(smooth[inside]), 0, 255).astype(np.uint8)
+        return dataclasses.replace(result, image=edited)
 
 
 class BlindBackend:
@@ -103,15 +130,29 @@ class BlindBackend:
         return self.engine.generate(image, request, foreground=band)
 
 
+#: The scripted policy's own refinement, kept while the reseed control replaces it.
+_ORIGINAL: dict = {}
+
+
+def _keep_prompt(state, evaluation) -> str:
+    """The reseed control's refinement: the failed instruction, word for word."""
+    return state["prompt"]
+
+
 def _install_backend(condition: str) -> None:
-    """Make the graph's toolbox use the condition's image backend (this process only)."""
+    """Make the graph's toolbox use the condition's image backend, and the policy keep or refine a
+    failed instruction (this process only)."""
     import graph.nodes as nodes
     from graph.toolbox import get_toolbox
 
-    if condition == "default":
+    import graph.policies.scripted as scripted
+
+    _ORIGINAL.setdefault("refine_prompt", scripted.refine_prompt)
+    scripted.refine_prompt = _keep_prompt if condition == "reseed" else _ORIGINAL["refine_prompt"]
+    if condition in ("default", "reseed"):
         nodes.get_toolbox = get_toolbox
         return
-    wrapper = {"timid": TimidBackend, "oversize": OversizeBackend, "blind": BlindBackend}[condition]
+    wrapper = {"timid": TimidBackend, "oversize": OversizeBackend, "blind": BlindBackend, "clean": CleanBackend}[condition]
 
     def patched(cfg):
         box = get_toolbox(cfg)
@@ -133,7 +174,10 @@ def run_condition(condition: str, pairs: list[tuple[str, str]], size: int, per_t
     limit = recursion_limit(Configuration())
     catalog = load_catalog()
     rows = []
-    for k, (category, anomaly_type) in enumerate(pairs):
+    # Each run's seed comes from the pair's place in the whole catalog, so a subset repeats its runs.
+    index = {pair: k for k, pair in enumerate(catalog.pairs())}
+    for category, anomaly_type in pairs:
+        k = index[(category, anomaly_type)]
         is_texture = catalog.category(category).is_texture
         if condition == "blind" and is_texture:
             continue
@@ -193,6 +237,7 @@ def summarize(rows: list[dict], out=sys.stdout) -> dict:
         print(f"{condition:<10} {entry['runs']:>5} {100 * entry['open_pass']:>9.1f}% {100 * entry['closed_pass']:>11.1f}% "
               f"{entry['refined']:>8} {entry['improved']:>9} {entry['first']:>9.2f} {entry['last']:>8.2f} "
               f"{entry['seconds']:>6.2f}", file=out)
+    table["per_family"] = per_family_table(rows, out)
     default = [r for r in rows if r["condition"] == "default" and r.get("mask_iou") is not None]
     if default:
         families = sorted({r["family"] for r in default})
@@ -202,6 +247,31 @@ def summarize(rows: list[dict], out=sys.stdout) -> dict:
               + f"; mean over families {statistics.fmean(per_family.values()):.3f}", file=out)
         table["mask_iou_per_family"] = per_family
     return table
+
+
+def per_family_table(rows: list[dict], out=sys.stdout) -> dict:
+    """Per condition and family: first attempts that failed QE, refinements that raised the score, and
+    the mean QE score of the first and the last attempt (over the refined runs, where the loop acted)."""
+    result: dict = {}
+    print(f"{'condition':<10} {'family':<12} {'runs':>5} {'first failed':>13} {'refined':>8} {'raised':>7} "
+          f"{'first (refined)':>16} {'last (refined)':>15}", file=out)
+    for condition in dict.fromkeys(r["condition"] for r in rows):
+        for family in sorted({r["family"] for r in rows if r["condition"] == condition}):
+            rs = [r for r in rows if r["condition"] == condition and r["family"] == family]
+            refined = [r for r in rs if r["attempts"] > 1]
+            entry = {
+                "runs": len(rs),
+                "first_failed": sum(not r["open_pass"] for r in rs),
+                "refined": len(refined),
+                "raised": sum(r["last"] > r["first"] for r in refined),
+                "first": statistics.fmean(r["first"] for r in refined) if refined else None,
+                "last": statistics.fmean(r["last"] for r in refined) if refined else None,
+            }
+            result[(condition, family)] = entry
+            scores = (f"{entry['first']:>16.2f} {entry['last']:>15.2f}" if refined else f"{'-':>16} {'-':>15}")
+            print(f"{condition:<10} {family:<12} {entry['runs']:>5} {entry['first_failed']:>13} {entry['refined']:>8} "
+                  f"{entry['raised']:>7} {scores}", file=out)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

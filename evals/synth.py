@@ -57,8 +57,10 @@ def synthesize(
     normal: np.ndarray,
     seed: int,
     prompt: str | None = None,
+    jpeg_quality: int | None = None,
 ) -> Synthesis:
-    """Write an instruction for (category, type) with the template PG (unless given) and draw it."""
+    """Write an instruction for (category, type) with the template PG (unless given) and draw it
+    (`jpeg_quality`: the normal image was stored as a JPEG of that quality)."""
     catalog = load_catalog()
     cat = catalog.category(category)
     entry = catalog.entry(category, anomaly_type)
@@ -76,6 +78,7 @@ def synthesize(
             default_shape=entry.shape,
             region=entry.region,
             seed=seed,
+            jpeg_quality=jpeg_quality,
         ),
     )
     return Synthesis(cat.name, entry.anomaly_type, entry, cat.is_texture, prompt, normal, result)

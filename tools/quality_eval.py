@@ -30,10 +30,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import color
 
+from tools.image_gen.camera import estimate_noise, highpass_ratio, residual_ratio, ring
 from tools.foreground import estimate_foreground, foreground_diameter
 from tools.mask_gen import change_mask
 from tools.types import Evaluation, EvaluationRequest
-from tools.vocabulary import COLOURS, CONTRASTS, SIZES, DefectSpec, Fix, find_shape, format_fixes, parse_instruction, step
+from tools.vocabulary import COLOURS, CONTRASTS, INTERIORS, SIZES, DefectSpec, Fix, find_shape, format_fixes, parse_instruction, step
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ _MAX_AREA = {"tiny": 0.012, "small": 0.025, "medium": 0.05, "large": 0.09}
 _MAX_EXTENT = {"tiny": 0.25, "small": 0.35, "medium": 0.45, "large": 0.6}
 #: Smallest area that reads as a defect at inspection scale, relative to the object.
 MIN_AREA = 0.0004
+#: Noise ratio (inside over ring, relative to the normal image's) that passes: outside it a detector sees
+#: a denoised, blurred or foreign-noise patch.
+NOISE_BAND = (0.7, 1.45)
+#: The same for 8x8 JPEG blockiness on JPEG inputs.
+BLOCK_BAND = (0.7, 1.5)
+#: Interior texture (relative to the ring's, normal-relative) below which the inside reads as a flat fill
+#: (fully flat at the first value, fine from the second).
+FLAT_INTERIOR = (0.45, 0.7)
+#: Seam energy (outline over the bands beside it) from which a soft defect's edge reads as pasted.
+SEAM_ENERGY = (6.0, 20.0)
 
 
 @dataclass
@@ -92,15 +103,16 @@ def _centroid_matches(mask: np.ndarray, foreground: np.ndarray, position: str) -
     return all(checks[part] for part in position.split("-") if part in checks)
 
 
-def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None]:
-    """(default shape, sub-region, family) of the request's type from the knowledge base, if known."""
+def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None, str | None]:
+    """(default shape, sub-region, family, typical size word) of the request's type from the knowledge
+    base, if known."""
     try:
         from tools.knowledge.catalog import load_catalog
 
         entry = load_catalog().entry(request.category, request.anomaly_type)
-        return entry.shape, entry.region, entry.family
+        return entry.shape, entry.region, entry.family, entry.typical.get("size")
     except (ValueError, KeyError, OSError):
-        return find_shape(request.anomaly_type) or "stain", None, None
+        return find_shape(request.anomaly_type) or "stain", None, None, None
 
 
 class MetricJudge:
@@ -138,12 +150,12 @@ class MetricJudge:
         """
         if normal.shape != edited.shape:
             raise ValueError(f"images differ in shape: {normal.shape} vs {edited.shape}; resize the edit to the normal image")
-        shape, region, family = _catalog_defaults(request)
+        shape, region, family, typical_size = _catalog_defaults(request)
         spec = parse_instruction(request.prompt or request.anomaly_type.replace("_", " "), default_shape=shape, region=region)
         if family and not request.prompt:
             spec = spec.model_copy(update={"family": family})
         details = self.measure(normal, edited, spec, request.is_texture)
-        findings = self._findings(details, spec)
+        findings = self._findings(details, spec, typical_size)
         location = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "location"))
         quality = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "quality"))
         if details.get("changed_fraction", 0.0) == 0.0:
@@ -186,6 +198,8 @@ class MetricJudge:
             "luma": luma,
             "lab": lab,
             "highpass": luma - ndi.gaussian_filter(luma, 1.5),
+            "noise": estimate_noise(normal),
+            "blocky": _blocky(luma),
             "features": {},
         }
         self._cache[key] = facts
@@ -282,6 +296,7 @@ class MetricJudge:
                 d["texture_kept"] = float(np.std(hp_e[interior])) / sn * brightness
                 a, b = hp_n[interior], hp_e[interior]
                 d["texture_corr"] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+        d.update(_camera_measures(facts, normal, edited, defect))
         if self.use_features:
             d.update(self._feature_measures(normal, edited, defect, facts))
         return d
@@ -329,17 +344,17 @@ class MetricJudge:
 
     # ---------------------------------------------------------------------------------- the verdict
 
-    def _findings(self, d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
+    def _findings(self, d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
         findings: list[_Finding] = []
         if d["changed_fraction"] == 0.0:
             fixes = [Fix(attribute="contrast", value="high"), Fix(attribute="size", value=step(SIZES, spec.size, 1))]
             return [_Finding("quality", 5.0, "No visible defect: nothing in the edit stands out from the normal image.", fixes)]
-        findings += self._location_findings(d, spec)
+        findings += self._location_findings(d, spec, typical_size)
         findings += self._quality_findings(d, spec)
         return findings
 
     @staticmethod
-    def _location_findings(d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
+    def _location_findings(d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
         out: list[_Finding] = []
         off = 1.0 - d["on_object"]
         if off > 0.03:
@@ -348,12 +363,16 @@ class MetricJudge:
                                 f"{100 * off:.0f}% of the defect lies off the object.",
                                 [Fix(attribute="position", value=target)]))
         size = spec.size if spec.size in _MAX_AREA else "medium"
+        # Plausible for the type too: at most one size word above the knowledge base's typical one (a
+        # "large" pinhole is not a pinhole a detector will meet).
+        if typical_size in SIZES and SIZES.index(size) > SIZES.index(typical_size) + 1:
+            size = step(SIZES, typical_size, 1)
         over = max(d["area_vs_object"] / _MAX_AREA[size], d["extent_vs_object"] / _MAX_EXTENT[size])
         if over > 1.0:
             steps = -2 if over > 2.5 else -1
             out.append(_Finding("location", 4.0 * _ramp(over, 1.0, 2.0) + 0.5,
                                 f"Too large: the defect covers {100 * d['area_vs_object']:.0f}% of the object.",
-                                [Fix(attribute="size", value=step(SIZES, spec.size, steps))]))
+                                [Fix(attribute="size", value=step(SIZES, size, steps))]))
         elif d["area_vs_object"] < MIN_AREA:
             out.append(_Finding("location", 1.5, "Too small to see at inspection scale.",
                                 [Fix(attribute="size", value=step(SIZES, spec.size, 1))]))
@@ -393,16 +412,22 @@ class MetricJudge:
         if hard is not None:
             soft = spec.family in _SOFT_FAMILIES and spec.shape not in _CRISP_SHAPES
             seam = _ramp(hard, 0.55, 0.8) if soft else _ramp(hard, 0.8, 0.92)
+            if soft:
+                seam = max(seam, _ramp(d.get("seam_energy", 0.0), SEAM_ENERGY[0], SEAM_ENERGY[1]))
             if seam > 0:
                 out.append(_Finding("quality", 3.0 * seam + 0.5, "A hard pasted seam outlines the defect.",
                                     [Fix(attribute="softness", value="soft")]))
         kept = d.get("texture_kept")
+        flat = 0.0
         if (kept is not None and spec.family in _TEXTURE_KEEPING and spec.shape not in _CRISP_SHAPES | {"glue"}
                 and d.get("texture_normal", 0) > 3.0):
             flat = 1.0 - _ramp(kept, 0.2, 0.45)
-            if flat > 0:
-                out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
-                                    [Fix(attribute="softness", value="soft")]))
+        if d.get("interior_texture") is not None and spec.family != "line":
+            flat = max(flat, 1.0 - _ramp(d["interior_texture"], FLAT_INTERIOR[0], FLAT_INTERIOR[1]))
+        if flat > 0:
+            out.append(_Finding("quality", 3.0 * flat + 0.5, "Flat patch: the surface texture is lost inside the defect.",
+                                [Fix(attribute="interior", value="textured")]))
+        out += _camera_findings(d, spec)
         # Outside: pixels or features changed away from the defect.
         outside = max(_ramp(d["outside_level"], 1.0, 3.0), _ramp(d["outside_fraction"], 0.01, 0.05),
                       _ramp(d.get("feat_outside_0", 0.0), 0.01, 0.04))
@@ -410,6 +435,111 @@ class MetricJudge:
             out.append(_Finding("quality", 4.0 * outside + 0.5,
                                 "Pixels outside the defect changed; the rest of the image must stay as it was."))
         return out
+
+
+def _camera_findings(d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
+    """Noise, blur and compression that differ inside the defect from around it: a cue only synthetic
+    defects carry (a detector learns it instead of the defect). A noisier inside may also be an interior
+    texture finer than the surface's: the fix then asks for a calmer interior as well."""
+    out: list[_Finding] = []
+    noise = d.get("noise_mismatch")
+    if noise is not None:
+        off = max(_ramp(NOISE_BAND[0] / max(noise, 1e-3), 1.0, 1.6), _ramp(noise / NOISE_BAND[1], 1.0, 1.6))
+        if off > 0:
+            how = "cleaner or blurrier" if noise < 1 else "noisier"
+            fixes = [Fix(attribute="noise", value="match")]
+            if noise > 1:
+                fixes.append(Fix(attribute="interior", value=step(INTERIORS, spec.interior or "textured", -1)))
+            out.append(_Finding("quality", 3.0 * off + 0.5,
+                                f"Camera mismatch: the defect is {how} than its surroundings (noise ratio {noise:.2f}).",
+                                fixes))
+    blocks = d.get("blockiness_mismatch")
+    if blocks is not None:
+        off = max(_ramp(BLOCK_BAND[0] / max(blocks, 1e-3), 1.0, 1.5), _ramp(blocks / BLOCK_BAND[1], 1.0, 1.5))
+        if off > 0:
+            out.append(_Finding("quality", 3.0 * off + 0.5,
+                                f"Compression mismatch: the defect's JPEG blocking differs from the image's (ratio {blocks:.2f}).",
+                                [Fix(attribute="noise", value="match")]))
+    return out
+
+
+def _camera_measures(facts: dict, normal: np.ndarray, edited: np.ndarray, defect: np.ndarray) -> dict[str, float]:
+    """What a detector would key on besides the defect itself.
+
+    Each mismatch is a ratio inside the defect over a ring just outside it in the edit, divided by the
+    same ratio in the normal image (so a defect that happens to sit on a smoother or busier spot is not
+    blamed): sensor noise (the finest residual), texture (a band-pass residual), and on JPEG-like inputs
+    8x8 blockiness; plus the seam energy of the change at the outline. 1.0 is a perfect match.
+    """
+    out: dict[str, float] = {"seam_energy": _seam_energy(_luma(edited) - facts["luma"], defect)}
+    interior = ndi.binary_erosion(defect, iterations=1)
+    band = ring(interior) & facts["fg_near"]
+    if interior.sum() < 20 or band.sum() < 20:
+        return out
+    out["noise_normal"] = facts["noise"]
+    if facts["noise"] >= 0.8:
+        noise_e, noise_n = residual_ratio(edited, interior), residual_ratio(normal, interior)
+        if noise_e is not None and noise_n is not None:
+            out["noise_mismatch"] = noise_e / max(noise_n, 1e-3)
+    texture_e, texture_n = highpass_ratio(edited, interior, 1.5), highpass_ratio(normal, interior, 1.5)
+    if texture_e is not None and texture_n is not None and _robust_std(facts["highpass"][band]) >= 2.0:
+        out["interior_texture"] = texture_e / max(texture_n, 1e-3)
+    out["blocky_normal"] = facts["blocky"]
+    if facts["blocky"] >= JPEG_BLOCKY:
+        zone = ndi.binary_dilation(interior, iterations=1)
+        luma_e = _luma(edited)
+        ratio_e = _blocky(luma_e, zone) / _blocky(luma_e, band)
+        ratio_n = _blocky(facts["luma"], zone) / _blocky(facts["luma"], band)
+        out["blockiness_mismatch"] = ratio_e / max(ratio_n, 1e-3)
+    return out
+
+
+#: Global 8x8 blocking of a normal image from which it counts as a JPEG (PNG samples measure <= 1.15,
+#: JPEGs of quality 60-90 >= 1.22).
+JPEG_BLOCKY = 1.2
+
+
+def _robust_std(values: np.ndarray) -> float:
+    """Std from the median absolute value of a zero-mean residual (edges and texture spikes barely move it)."""
+    return float(1.4826 * np.median(np.abs(values))) if values.size else 0.0
+
+
+def _blocky(luma: np.ndarray, where: np.ndarray | None = None) -> float:
+    """8x8 JPEG blocking: the mean second difference of luma centred on the pixels either side of a block
+    border over that elsewhere (1.0: no blocking; second differences ignore smooth shading). With `where`,
+    only differences whose three pixels lie in it count."""
+    d2x = np.abs(luma[:, :-2] - 2 * luma[:, 1:-1] + luma[:, 2:])
+    d2y = np.abs(luma[:-2] - 2 * luma[1:-1] + luma[2:])
+    at_x = np.broadcast_to(np.isin(np.arange(1, luma.shape[1] - 1) % 8, (0, 7))[None, :], d2x.shape)
+    at_y = np.broadcast_to(np.isin(np.arange(1, luma.shape[0] - 1) % 8, (0, 7))[:, None], d2y.shape)
+    ok_x = np.ones(d2x.shape, bool) if where is None else where[:, :-2] & where[:, 1:-1] & where[:, 2:]
+    ok_y = np.ones(d2y.shape, bool) if where is None else where[:-2] & where[1:-1] & where[2:]
+    on = np.concatenate([d2x[ok_x & at_x], d2y[ok_y & at_y]])
+    off = np.concatenate([d2x[ok_x & ~at_x], d2y[ok_y & ~at_y]])
+    if on.size < 16 or off.size < 16:
+        return 1.0
+    return float((on.mean() + 0.1) / (off.mean() + 0.1))
+
+
+def _seam_energy(change: np.ndarray, region: np.ndarray) -> float:
+    """Gradient energy of the change on the region's outline over that just inside or just outside it.
+
+    A change that fades over a few pixels, or varies inside (texture), spreads its gradient over all
+    three bands (ratio near 1-3); a pasted patch puts all of it on the outline (ratio >> 3). 0.0 when
+    the region has no interior band to compare with.
+    """
+    gy, gx = np.gradient(change)
+    energy = gx * gx + gy * gy
+    inside = ndi.distance_transform_edt(region)
+    outside = ndi.distance_transform_edt(~region)
+    outline = ((inside > 0) & (inside <= 1.5)) | ((outside > 0) & (outside <= 1.5))
+    near_in = (inside > 1.5) & (inside <= 4.5)
+    near_out = (outside > 1.5) & (outside <= 4.5)
+    if near_in.sum() < 8 or not outline.any():
+        return 0.0
+    # Each band's typical energy (75th percentile: a few texture spikes do not make a seam).
+    e_near = max(float(np.percentile(energy[near_in], 75)), float(np.percentile(energy[near_out], 75)))
+    return (float(np.percentile(energy[outline], 75)) + 1.0) / (e_near + 1.0)
 
 
 def _named_chroma(colour: str) -> float:

@@ -39,10 +39,12 @@ class Verdict(BaseModel):
 SYSTEM_PROMPT = """You are a strict quality inspector for synthetic industrial defect images. You get the \
 normal image (A) and the edited image (B) that should show one realistic defect of the named type.
 Score location 0-5 (the defect is on the product, in a plausible place, with a plausible size) and quality \
-0-5 (visible, realistic, seamless, consistent with the surface texture and lighting, nothing changed \
-outside the defect). Write a short review naming concrete fixes. Each fix changes one attribute of the \
-instruction: position, size (tiny/small/medium/large), contrast (low/medium/high), softness (sharp/soft), \
-colour, count (1-4) or region.
+0-5 (visible, realistic, seamless, consistent with the surface texture and lighting, the same camera \
+noise, blur and JPEG blocking inside the defect as around it, a textured rather than flat inside, nothing \
+changed outside the defect). Write a short review naming concrete fixes. Each fix changes one attribute \
+of the instruction: position, size (tiny/small/medium/large), contrast (low/medium/high), softness \
+(sharp/soft), colour, count (1-4), region, outline (smooth/ragged), interior (uniform/mottled/textured) \
+or noise (match: keep the image's own grain).
 Answer with one JSON object only, matching this JSON schema:
 """ + json.dumps(Verdict.model_json_schema())
 

@@ -26,12 +26,14 @@ Contrast = Literal["low", "medium", "high"]
 Softness = Literal["sharp", "soft"]
 Outline = Literal["smooth", "ragged"]
 Interior = Literal["uniform", "mottled", "textured"]
+Noise = Literal["match"]
 
 SIZES: tuple[Size, ...] = ("tiny", "small", "medium", "large")
 CONTRASTS: tuple[Contrast, ...] = ("low", "medium", "high")
 SOFTNESSES: tuple[Softness, ...] = ("sharp", "soft")
 OUTLINES: tuple[Outline, ...] = ("smooth", "ragged")
 INTERIORS: tuple[Interior, ...] = ("uniform", "mottled", "textured")
+NOISES: tuple[Noise, ...] = ("match",)
 
 #: Attributes whose word, when the instruction has none, leaves the engine its broad distribution.
 SAMPLED_ATTRIBUTES: tuple[str, ...] = ("size", "contrast", "softness")
@@ -204,6 +206,10 @@ INTERIOR_SYNONYMS: dict[str, Interior] = {
     "granular": "textured",
 }
 
+#: Camera words: the defect carries the image's own noise, blur and compression (QE asks for it when an
+#: image backend left them out).
+NOISE_SYNONYMS: dict[str, Noise] = {"image's own grain": "match", "matching grain": "match", "matching noise": "match"}
+
 #: Colour words and the RGB they stand for. "dark" and "light" mean relative to the surface.
 COLOURS: dict[str, tuple[int, int, int] | None] = {
     "dark": None,
@@ -242,6 +248,7 @@ class DefectSpec(BaseModel):
     region: str | None = Field(default=None, description="Named sub-region from the knowledge base, e.g. 'rim'.")
     outline: Outline | None = Field(default=None, description="Boundary regularity; None: the engine samples it.")
     interior: Interior | None = Field(default=None, description="Interior variation; None: the engine samples it.")
+    noise: Noise | None = Field(default=None, description="'match': keep the image's own grain (for backends that lose it).")
     unstated: list[str] = Field(
         default_factory=list,
         description="Attributes of SAMPLED_ATTRIBUTES the instruction named no word for: the engine then draws "
@@ -252,7 +259,7 @@ class DefectSpec(BaseModel):
 class Fix(BaseModel):
     """One change a review asks for, in this vocabulary (attribute ∈ DefectSpec's fields)."""
 
-    attribute: Literal["position", "size", "contrast", "softness", "colour", "count", "region", "outline", "interior"]
+    attribute: Literal["position", "size", "contrast", "softness", "colour", "count", "region", "outline", "interior", "noise"]
     value: str
     reason: str = ""
 
@@ -316,6 +323,7 @@ def parse_instruction(text: str, default_shape: str = "stain", region: str | Non
         region=region_match.group(1) if region_match else region,
         outline=_find_first(norm, OUTLINE_SYNONYMS),
         interior=_find_first(norm, INTERIOR_SYNONYMS),
+        noise=_find_first(norm, NOISE_SYNONYMS),
         unstated=unstated,
     )
 
@@ -330,6 +338,7 @@ def render_instruction(spec: DefectSpec, subject: str = "the object") -> str:
     region = f" on the {spec.region} region" if spec.region else ""
     look = [f"a {spec.outline} outline" if spec.outline == "smooth" else "a ragged outline"] if spec.outline else []
     look += [f"a {spec.interior} interior"] if spec.interior else []
+    look += ["the image's own grain"] if spec.noise else []
     details = f", {' and '.join(look)}" if look else ""
     return (
         f"Add {_COUNT_TEXT[spec.count]} {spec.size} {spec.colour} {noun} with {spec.softness} edges, "
@@ -347,6 +356,7 @@ def apply_fixes(spec: DefectSpec, fixes: list[Fix]) -> DefectSpec:
         "colour": tuple(COLOURS),
         "outline": OUTLINES,
         "interior": INTERIORS,
+        "noise": NOISES,
     }
     update: dict[str, object] = {}
     for fix in fixes:

@@ -1,0 +1,159 @@
+"""QE's camera-consistency checks on real renders: a defect whose noise, JPEG blocking, interior texture
+or outline differs from its surroundings fails and names the vocabulary fix; the same defect drawn
+before the camera's noise and compression (as a real defect is photographed) passes that check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from evals import bench_qe
+from evals.synth import normal_for, synthesize
+from tools.image_gen import ProceduralEngine
+from tools.image_gen.camera import JpegSettings, jpeg_roundtrip
+from tools.prompt_gen import TemplatePromptGenerator
+from tools.quality_eval import BLOCK_BAND, FLAT_INTERIOR, NOISE_BAND, SEAM_ENERGY, MetricJudge
+from tools.types import EvaluationRequest
+from tools.vocabulary import apply_fixes, parse_fixes, parse_instruction, render_instruction
+
+ENGINE = ProceduralEngine()
+PG = TemplatePromptGenerator()
+JUDGE = MetricJudge(use_features=False)
+SIZE = 160
+PROMPT = "Add one medium dark stain with soft edges, high contrast, in the center of the capsule."
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _request(syn, prompt: str | None = None) -> EvaluationRequest:
+    return EvaluationRequest(category=syn.category, anomaly_type=syn.anomaly_type, prompt=prompt or syn.prompt,
+                             is_texture=syn.is_texture)
+
+
+@pytest.fixture(scope="module")
+def photographed():
+    """A capsule photographed with sensor noise; the engine's camera-consistent stain on it; and the same
+    stain drawn on the noise-free capsule and pasted into the noisy photo (no noise inside the defect)."""
+    clean = normal_for("capsule", 0, size=SIZE, seed=3)
+    normal = _u8(clean + np.random.default_rng(0).normal(0, 3.0, clean.shape[:2])[..., None])
+    syn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=5, prompt=PROMPT)
+    assert bench_qe.visible(normal, syn.result.image, syn.result.region)
+    drawn_clean = synthesize(ENGINE, PG, "capsule", "faulty_imprint", clean, seed=5, prompt=PROMPT).result
+    region = ndi.binary_dilation(drawn_clean.region, iterations=1)
+    noise_free = _u8(ndi.gaussian_filter(drawn_clean.image.astype(np.float32), (0.8, 0.8, 0)))  # the sample's own grain too
+    pasted = normal.copy()
+    pasted[region] = noise_free[region]
+    return syn, normal, syn.result.image, pasted
+
+
+def _fixes(ev) -> dict[str, str]:
+    return {f.attribute: f.value for f in ev.fixes}
+
+
+def test_camera_consistent_render_passes_the_noise_check(photographed) -> None:
+    syn, normal, consistent, _ = photographed
+    ev = JUDGE.evaluate(normal, consistent, _request(syn))
+    assert NOISE_BAND[0] <= ev.details["noise_mismatch"] <= NOISE_BAND[1]
+    assert "Camera mismatch" not in ev.review and ev.passed, ev.review
+
+
+def test_defect_pasted_without_the_image_noise_fails_the_check_and_asks_to_match_it(photographed) -> None:
+    syn, normal, consistent, pasted = photographed
+    ev = JUDGE.evaluate(normal, pasted, _request(syn))
+    assert ev.details["noise_mismatch"] < NOISE_BAND[0]
+    assert "Camera mismatch" in ev.review and "cleaner" in ev.review
+    assert ev.score < JUDGE.evaluate(normal, consistent, _request(syn)).score - 1.0
+    assert _fixes(ev)["noise"] == "match"
+    # The fix is a word of the vocabulary: it survives the review text and the instruction round trip.
+    assert any(f.attribute == "noise" for f in parse_fixes(ev.review))
+    spec = apply_fixes(parse_instruction(PROMPT), ev.fixes)
+    assert parse_instruction(render_instruction(spec, "the capsule")).noise == "match"
+
+
+def test_jpeg_blocking_mismatch(photographed) -> None:
+    """The engine told the input's JPEG quality re-encodes the defect's blocks and passes; the defect pasted
+    with foreign, much coarser blocks fails."""
+    syn, normal, _, _ = photographed
+    normal_j = jpeg_roundtrip(normal, JpegSettings(quality=70))
+    drawn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal_j, seed=5, prompt=PROMPT, jpeg_quality=70).result
+    ok = JUDGE.evaluate(normal_j, drawn.image, _request(syn))
+    assert ok.details["blocky_normal"] >= 1.2
+    assert BLOCK_BAND[0] <= ok.details["blockiness_mismatch"] <= BLOCK_BAND[1]
+    assert "Compression mismatch" not in ok.review
+    region = ndi.binary_dilation(drawn.region, iterations=1)
+    pasted = drawn.image.copy()
+    pasted[region] = jpeg_roundtrip(drawn.image, JpegSettings(quality=8))[region]
+    bad = JUDGE.evaluate(normal_j, pasted, _request(syn))
+    assert not BLOCK_BAND[0] <= bad.details["blockiness_mismatch"] <= BLOCK_BAND[1]
+    assert "Compression mismatch" in bad.review and _fixes(bad)["noise"] == "match"
+    assert bad.score < ok.score
+
+
+def test_a_png_input_is_not_judged_for_jpeg_blocking(photographed) -> None:
+    syn, normal, consistent, _ = photographed
+    ev = JUDGE.evaluate(normal, consistent, _request(syn))
+    assert ev.details["blocky_normal"] < 1.2 and "blockiness_mismatch" not in ev.details
+
+
+@pytest.fixture(scope="module")
+def textured():
+    """A stain on a carpet whose render keeps the weave, and the same stain as a flat tone (noise kept)."""
+    normal = normal_for("carpet", 0, size=SIZE, seed=3)
+    prompt = "Add one large dark stain with soft edges, high contrast, in the center of the carpet."
+    syn = synthesize(ENGINE, PG, "carpet", "color", normal, seed=7, prompt=prompt)
+    ctx = bench_qe._Ctx(ENGINE, syn, normal)
+    return syn, ctx, bench_qe.flat(ctx, np.random.default_rng(1))
+
+
+def test_textured_interior_passes_and_flat_interior_fails(textured) -> None:
+    syn, ctx, flat = textured
+    assert flat is not None
+    good = JUDGE.evaluate(syn.normal, syn.result.image, _request(syn))
+    assert good.details["interior_texture"] >= FLAT_INTERIOR[1] and "Flat patch" not in good.review, good.review
+    bad = JUDGE.evaluate(syn.normal, flat, _request(syn))
+    assert bad.details["interior_texture"] < FLAT_INTERIOR[1]
+    assert "Flat patch" in bad.review and _fixes(bad)["interior"] == "textured"
+    assert bad.score < good.score
+
+
+def test_soft_stain_passes_the_seam_check_and_a_binary_alpha_paste_fails(photographed) -> None:
+    syn, normal, consistent, _ = photographed
+    good = JUDGE.evaluate(normal, consistent, _request(syn))
+    assert good.details["seam_energy"] < SEAM_ENERGY[0] and "seam" not in good.review
+    # The same change applied at full strength wherever it reaches a fifth of its peak: a pasted sticker.
+    change = consistent.astype(np.float32) - normal
+    strength = np.abs(change).max(axis=2)
+    hard = ndi.binary_fill_holes(strength >= 0.2 * np.percentile(strength[syn.result.region], 90))
+    sticker = normal.astype(np.float32).copy()
+    sticker[hard] += np.median(change[syn.result.region], axis=0)
+    bad = JUDGE.evaluate(normal, _u8(sticker), _request(syn))
+    assert bad.details["seam_energy"] > good.details["seam_energy"]
+    assert "seam" in bad.review and _fixes(bad)["softness"] == "soft"
+
+
+def test_the_bench_camera_breaker_scores_lower_than_the_camera_consistent_render(photographed) -> None:
+    syn, normal, consistent, _ = photographed
+    ctx = bench_qe._Ctx(ENGINE, syn, normal, noise=3.0)
+    good = JUDGE.evaluate(normal, consistent, _request(syn))
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        bad = JUDGE.evaluate(normal, bench_qe.camera(ctx, rng), _request(syn))
+        assert bad.score < good.score - 1.0 and _fixes(bad).get("noise") == "match", bad.review
+
+
+def test_a_size_implausible_for_the_type_fails_even_when_the_instruction_asked_for_it() -> None:
+    """A capsule poke is tiny by the knowledge base: one drawn 'medium' is too large for a poke and QE asks
+    for a size the type has; the same area is fine for a type whose typical size is larger."""
+    normal = normal_for("capsule", 0, size=SIZE, seed=3)
+    prompt = "Add one medium dark stain with soft edges, medium contrast, in the center of the capsule."
+    syn = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=6, prompt=prompt)
+    poke = EvaluationRequest(category="capsule", anomaly_type="poke", prompt=prompt)
+    imprint = EvaluationRequest(category="capsule", anomaly_type="faulty_imprint", prompt=prompt)
+    bad = JUDGE.evaluate(normal, syn.result.image, poke)
+    fine = JUDGE.evaluate(normal, syn.result.image, imprint)
+    assert 0.025 < bad.details["area_vs_object"] < 0.05  # beyond "small" (a poke's most), within "medium"
+    assert "Too large" in bad.review and _fixes(bad)["size"] in ("tiny", "small")
+    assert "Too large" not in fine.review and fine.location > bad.location
