@@ -138,6 +138,7 @@ def bench_camera(argv: list[str]) -> int | None:
 
 def register(sub: Any) -> None:
     """Add the evaluation commands to the `anomaly-agent` subcommands `sub`."""
+    from evals import transfer_cli
     from evals.eval_cli import add_arguments as add_eval_generator_arguments
 
     ev = command_group(sub, "eval", "evaluations")
@@ -149,6 +150,9 @@ def register(sub: Any) -> None:
     q = ev.add_parser("generators", help="agent vs baselines: downstream localization/classification, IS/IC-LPIPS, samples/s")
     add_eval_generator_arguments(q)
     q.set_defaults(func=cmd_eval_generators)
+    q = ev.add_parser("transfer", help="train a small detector on each generator, test it on anomalies it never made")
+    transfer_cli.add_arguments(q)
+    q.set_defaults(func=transfer_cli.run)
 
     bench = command_group(sub, "bench", "benchmarks (each takes its own options; see its --help)")
     add_passthrough(bench, "qe", "the judge's AUROC on synthetic defects of known quality", bench_qe)

@@ -1,4 +1,5 @@
-"""Baseline defect generators, compared with the agent: open loop, DRAEM-style, CutPaste-scar."""
+"""Baseline defect generators, compared with the agent: open loop, DRAEM-style, CutPaste-scar, and the
+third-party `defect-synthesis` package."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ BASELINES: dict[str, str] = {
     "open_loop": "evals.baselines.open_loop:OpenLoop",
     "draem": "evals.baselines.draem:Draem",
     "cutpaste_scar": "evals.baselines.cutpaste:CutPasteScar",
+    "defect_synthesis": "evals.baselines.third_party:DefectSynthesis",
 }
 
 

@@ -1,0 +1,204 @@
+"""The transfer benchmark (`anomaly-agent eval transfer`): a tiny seeded run end to end, its splits, its
+camera copies, and its metrics on inputs whose answer is known."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evals.mvtec_io import Item
+from evals.transfer import category_metrics, last_line, paired_difference, source_metrics
+from evals.transfer_config import DetectorConfig
+from evals.transfer_data import TransferData, held_out_sources, lofo_source, spread_over_types, training_items
+
+ROWS = ("agent", "open_loop", "draem", "cutpaste_scar", "defect_synthesis")
+LINE = re.compile(
+    r"transfer agent AUROC \d\.\d{3}±\d\.\d{3} open_loop \d\.\d{3}±\d\.\d{3} "
+    r"best_other \d\.\d{3}±\d\.\d{3} \((draem|cutpaste_scar|defect_synthesis)\)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict]:
+    """One seeded run of the whole command: one object category, two types of two families, 2 seeds."""
+    from graph.cli import main
+
+    out = tmp_path_factory.mktemp("transfer") / "out"
+    argv = [
+        "eval", "transfer", "--out", str(out), "--categories", "metal_nut", "--types", "scratch,color",
+        "--size", "64", "--train-normals", "2", "--test-normals", "2", "--test-anomalies", "4",
+        "--detector-seeds", "2", "--steps", "3", "--unet-base", "4", "--no-progress",
+    ]  # fmt: skip
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    assert code == 0
+    return out, buf.getvalue(), json.loads((out / "report.json").read_text())
+
+
+def test_tiny_run_writes_the_report_and_ends_with_the_summary_line(tiny_run):
+    out, stdout, report = tiny_run
+    assert LINE.fullmatch(stdout.strip().splitlines()[-1])
+    assert stdout.strip().splitlines()[-1] == last_line(report)
+    for name in ("report.md", "report.json", "bars.png", *(f"contact_{g}.png" for g in ROWS)):
+        assert (out / name).is_file(), name
+    assert list(report["rows"]) == list(ROWS)
+    assert all(len(r["per_seed_auroc"]) == 2 for r in report["rows"].values())
+    # Rows without engine:F sources average over the same sources in both AUROC columns.
+    assert report["rows"]["draem"]["generators_auroc"] == pytest.approx(report["rows"]["draem"]["auroc"])
+    md = (out / "report.md").read_text()
+    assert "agent − open_loop" in md and "per held-out source" in md
+    gain = report["agent_minus_open_loop"]
+    expected = np.mean(np.subtract(report["rows"]["agent"]["per_seed_auroc"], report["rows"]["open_loop"]["per_seed_auroc"]))
+    assert gain["seeds"] == 2 and gain["mean"] == pytest.approx(expected)
+
+
+def test_no_held_out_normal_is_trained_on(tiny_run):
+    _, _, report = tiny_run
+    splits = report["splits"]
+    train = {Path(p).resolve() for p in splits["train_normals"]}
+    test = {Path(p).resolve() for p in splits["test_normals"]}
+    assert train and test and not train & test
+    train_pixels = [np.asarray(Image.open(p)) for p in train]
+    for p in test:
+        pixels = np.asarray(Image.open(p))
+        assert not any(np.array_equal(pixels, t) for t in train_pixels), p
+    # Every test anomaly was drawn on the held-out normals (the generators' test split), never the training one.
+    for source, by_cat in splits["test_sources"].items():
+        owner = source.split(":")[0]
+        for paths in by_cat.values():
+            assert paths and all(f"/data/{owner}/test/" in p for p in paths), source
+
+
+def test_no_generator_is_tested_on_its_own_output_or_its_engine_twin(tiny_run):
+    _, _, report = tiny_run
+    for gen, row in report["rows"].items():
+        sources = set(row["sources"])
+        assert gen not in sources
+        for seed in report["per_seed"][gen]:
+            assert set(seed) == sources
+    assert "open_loop" not in report["rows"]["agent"]["sources"]
+    assert "agent" not in report["rows"]["open_loop"]["sources"]
+    lofo = {lofo_source("line"), lofo_source("blob")}
+    assert lofo <= set(report["rows"]["agent"]["sources"]) and lofo <= set(report["rows"]["open_loop"]["sources"])
+    assert not lofo & set(report["rows"]["draem"]["sources"])
+
+
+def test_every_test_image_is_also_stored_as_jpeg(tiny_run):
+    out, _, report = tiny_run
+    camera = out / "data" / "camera"
+    sources = ["good", *(s.replace(":", "_") for s in report["splits"]["test_sources"])]
+    for source in sources:
+        folder = camera / source / "metal_nut"
+        pngs = sorted((folder / "png").glob("*.png"))
+        assert pngs, source
+        for fmt in ("jpeg75", "jpeg90"):
+            jpegs = sorted((folder / fmt).glob("*.jpg"))
+            assert [p.stem for p in jpegs] == [p.stem for p in pngs]
+            with Image.open(jpegs[0]) as im:
+                assert im.format == "JPEG"
+                assert not np.array_equal(np.asarray(im.convert("RGB")), np.asarray(Image.open(pngs[0])))
+
+
+def _data(families: dict[str, str]) -> TransferData:
+    """Two training anomalies per type of one category (paths only; nothing is loaded)."""
+    train = {
+        gen: {"tile": {t: [Item(Path(f"{gen}/{t}/{i}.png"), Path(f"{gen}/{t}/{i}_mask.png")) for i in range(2)]
+                       for t in families}}
+        for gen in ROWS
+    }
+    return TransferData(
+        train_normals={"tile": [Item(Path("n0.png")), Item(Path("n1.png"))]},
+        test_normals={"tile": [Item(Path("t0.png"))]},
+        train=train,
+        test={},
+        families={"tile": families},
+    )
+
+
+def test_leave_one_family_out_trains_without_the_family_and_tests_on_it():
+    data = _data({"crack": "line", "gray_stroke": "line", "oil": "blob", "rough": "blob"})
+    normals, anomalies = training_items(data, "agent", leave_out="line")
+    assert len(normals) == 2
+    assert anomalies and all(item.image.parts[1] in ("oil", "rough") for item in anomalies)
+    assert len(training_items(data, "agent")[1]) == 8
+    plan = held_out_sources("agent", data, ROWS)
+    assert plan == {"draem": None, "cutpaste_scar": None, "defect_synthesis": None,
+                    "engine:blob": "blob", "engine:line": "line"}
+    assert held_out_sources("draem", data, ROWS) == {g: None for g in ROWS if g != "draem"}
+
+
+def test_leaving_out_the_only_family_is_refused():
+    from evals.errors import EvalError
+
+    with pytest.raises(EvalError, match="outside family"):
+        training_items(_data({"crack": "line"}), "agent", leave_out="line")
+
+
+def test_a_detector_map_equal_to_the_mask_scores_auroc_one():
+    from evals.protocols import image_scores
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 32, 32), bool)
+    for m in masks[3:]:
+        y, x = rng.integers(0, 24, 2)
+        m[y : y + 6, x : x + 6] = True
+    scores = image_scores(masks.astype(np.float32), pool=5)
+    assert category_metrics(scores[:3], scores[3:]) == {"auroc": 1.0, "ap": 1.0}
+    assert category_metrics(scores[3:], scores[:3])["auroc"] == 0.0
+    normal = {"a": {"png": scores[:3], "jpeg75": scores[:3]}, "b": {"png": scores[:3], "jpeg75": scores[:3]}}
+    anomal = {"a": {"png": scores[3:], "jpeg75": scores[3:]}, "b": {"png": scores[:1] + 0.0, "jpeg75": scores[:1]}}
+    m = source_metrics(normal, anomal)
+    assert m["per_category"] == {"a": 1.0, "b": 0.5}  # b: its anomalies score like its normals (all ties)
+    assert m["auroc"] == pytest.approx(0.75) and m["per_format"] == {"jpeg75": 0.75, "png": 0.75}
+
+
+def test_paired_difference_is_mean_and_standard_error_of_per_seed_differences():
+    d = paired_difference([0.7, 0.8, 0.9], [0.6, 0.6, 0.7])
+    assert d["mean"] == pytest.approx(1 / 6)
+    assert d["se"] == pytest.approx(np.std([0.1, 0.2, 0.2], ddof=1) / np.sqrt(3))
+    assert d["z"] == pytest.approx(d["mean"] / d["se"]) and d["seeds"] == 3
+
+
+def test_spread_over_types_takes_types_in_turn():
+    items = {t: [Item(Path(f"{t}{i}")) for i in range(3)] for t in ("b", "a")}
+    assert [str(i.image) for i in spread_over_types(items, 4)] == ["a0", "b0", "a1", "b1"]
+    assert len(spread_over_types(items, 100)) == 6
+
+
+def test_third_party_generator_is_seeded_and_leaves_global_random_state_alone():
+    from evals.baselines import make_baseline
+    from tools.samples import sample_image
+
+    image = sample_image("tile", 0, 96)
+    gen = make_baseline("defect_synthesis")
+    state = (random.getstate(), np.random.get_state()[1].copy())
+    a = gen(image, "tile", "crack", np.random.default_rng(5))
+    b = gen(image, "tile", "crack", np.random.default_rng(5))
+    assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    assert a.mask.any() and not np.array_equal(a.image[a.mask], image[a.mask])
+
+
+def test_detector_training_is_reproducible_per_seed_and_scores_every_image():
+    from evals.transfer_detector import score, train_detector
+    from tools.samples import sample_image
+
+    normals = [sample_image("tile", i, 32) for i in range(2)]
+    anomalies = [n.copy() for n in normals]
+    masks = [np.zeros((32, 32), bool) for _ in normals]
+    for a, m in zip(anomalies, masks, strict=True):
+        a[8:16, 8:16] = 255
+        m[8:16, 8:16] = True
+    cfg = DetectorConfig(unet_base=2, unet_depth=2, steps=2, batch=4, crop=32)
+    s1 = score(train_detector(normals, anomalies, masks, cfg, seed=1), normals + anomalies, cfg.pool)
+    s2 = score(train_detector(normals, anomalies, masks, cfg, seed=1), normals + anomalies, cfg.pool)
+    assert s1.shape == (4,) and np.array_equal(s1, s2)
