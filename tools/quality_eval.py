@@ -34,6 +34,7 @@ from scipy import ndimage as ndi
 from skimage import color
 
 from tools.image_gen.camera import estimate_noise, highpass_ratio, residual_ratio, ring
+from tools.image_gen.appearance import SIZE_RANGE
 from tools.foreground import estimate_foreground, foreground_diameter
 from tools.mask_gen import change_mask
 from tools.types import Evaluation, EvaluationRequest
@@ -49,8 +50,11 @@ _CRISP_SHAPES = {"misplaced", "flip", "contamination"}
 #: Families whose inside keeps the surface texture (changed in tone, not replaced).
 _TEXTURE_KEEPING = {"blob", "line", "hole", "deformation"}
 
-#: Largest plausible area of one defect relative to the object, per size word (textures: the frame).
-_MAX_AREA = {"tiny": 0.012, "small": 0.025, "medium": 0.05, "large": 0.09}
+#: Largest plausible area of one defect relative to the object, per size word (textures: the frame); never
+#: below a filled disc at the engine's largest extent for the word (extent² of the object's area), so QE does
+#: not call "too large" what IG was asked to draw.
+_MAX_AREA = {word: max(area, SIZE_RANGE[word][1] ** 2)
+             for word, area in {"tiny": 0.012, "small": 0.025, "medium": 0.05, "large": 0.09}.items()}
 #: Largest plausible extent (longest side of its box) relative to the object's equivalent diameter.
 _MAX_EXTENT = {"tiny": 0.25, "small": 0.35, "medium": 0.45, "large": 0.6}
 #: Smallest area that reads as a defect at inspection scale, relative to the object.
@@ -106,16 +110,15 @@ def _centroid_matches(mask: np.ndarray, foreground: np.ndarray, position: str) -
     return all(checks[part] for part in position.split("-") if part in checks)
 
 
-def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None, str | None]:
-    """(default shape, sub-region, family, typical size word) of the request's type from the knowledge
-    base, if known."""
+def _catalog_defaults(request: EvaluationRequest) -> tuple[str, str | None, str | None]:
+    """(default shape, sub-region, family) of the request's type from the knowledge base, if known."""
     try:
         from tools.knowledge.catalog import load_catalog
 
         entry = load_catalog().entry(request.category, request.anomaly_type)
-        return entry.shape, entry.region, entry.family, entry.typical.get("size")
+        return entry.shape, entry.region, entry.family
     except (ValueError, KeyError, OSError):
-        return find_shape(request.anomaly_type) or "stain", None, None, None
+        return find_shape(request.anomaly_type) or "stain", None, None
 
 
 class MetricJudge:
@@ -153,12 +156,12 @@ class MetricJudge:
         """
         if normal.shape != edited.shape:
             raise ValueError(f"images differ in shape: {normal.shape} vs {edited.shape}; resize the edit to the normal image")
-        shape, region, family, typical_size = _catalog_defaults(request)
+        shape, region, family = _catalog_defaults(request)
         spec = parse_instruction(request.prompt or request.anomaly_type.replace("_", " "), default_shape=shape, region=region)
         if family and not request.prompt:
             spec = spec.model_copy(update={"family": family})
         details = self.measure(normal, edited, spec, request.is_texture)
-        findings = self._findings(details, spec, typical_size)
+        findings = self._findings(details, spec)
         location = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "location"))
         quality = max(0.0, 5.0 - sum(f.penalty for f in findings if f.score == "quality"))
         if details.get("changed_fraction", 0.0) == 0.0:
@@ -347,17 +350,17 @@ class MetricJudge:
 
     # ---------------------------------------------------------------------------------- the verdict
 
-    def _findings(self, d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
+    def _findings(self, d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
         findings: list[_Finding] = []
         if d["changed_fraction"] == 0.0:
             fixes = [Fix(attribute="contrast", value="high"), Fix(attribute="size", value=step(SIZES, spec.size, 1))]
             return [_Finding("quality", 5.0, "No visible defect: nothing in the edit stands out from the normal image.", fixes)]
-        findings += self._location_findings(d, spec, typical_size)
+        findings += self._location_findings(d, spec)
         findings += self._quality_findings(d, spec)
         return findings
 
     @staticmethod
-    def _location_findings(d: dict[str, float], spec: DefectSpec, typical_size: str | None = None) -> list[_Finding]:
+    def _location_findings(d: dict[str, float], spec: DefectSpec) -> list[_Finding]:
         out: list[_Finding] = []
         off = 1.0 - d["on_object"]
         if off > 0.03:
@@ -366,10 +369,6 @@ class MetricJudge:
                                 f"{100 * off:.0f}% of the defect lies off the object.",
                                 [Fix(attribute="position", value=target)]))
         size = spec.size if spec.size in _MAX_AREA else "medium"
-        # Plausible for the type too: at most one size word above the knowledge base's typical one (a
-        # "large" pinhole is not a pinhole a detector will meet).
-        if typical_size in SIZES and SIZES.index(size) > SIZES.index(typical_size) + 1:
-            size = step(SIZES, typical_size, 1)
         over = max(d["area_vs_object"] / _MAX_AREA[size], d["extent_vs_object"] / _MAX_EXTENT[size])
         if over > 1.0:
             steps = -2 if over > 2.5 else -1
