@@ -29,7 +29,7 @@ LINE = re.compile(
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict]:
     """One seeded run of the whole command: one object category, two types of two families, 2 seeds."""
-    from graph.cli import main
+    from anomaly_agent_cli import main
 
     out = tmp_path_factory.mktemp("transfer") / "out"
     argv = [
