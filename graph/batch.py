@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 from graph.batch_guard import hold_root, init_worker
 from graph.configuration import Configuration
 from graph.nodes import INFRASTRUCTURE_STATUSES
+from graph.run_inputs import RunInputError
 from tools.contact_sheet import SheetRow, make_contact_sheet
 from tools.dataset_layout import IMAGE_SUFFIXES, mvtec_anomaly_path, mvtec_mask_path
 from tools.imaging import ImageInputError, load_image, write_json_atomic, write_text_atomic
@@ -156,8 +157,8 @@ def run_sample(sample: Sample, overrides: dict[str, Any]) -> dict[str, Any]:
     """Run (or resume) one planned sample into its root: outputs in the MVTec layout, then its done marker.
 
     The unit a pool worker (or any other executor) runs; safe to call again after a kill at any point.
-    An input image that cannot be read, or whose content changed since planning, ends the sample
-    with status `input_error` and the reason in the row's `error`, instead of raising.
+    An input image that cannot be read (or lies outside a set `input_root`), or whose content changed since
+    planning, ends the sample with status `input_error` and the reason in the row's `error`, instead of raising.
 
     Returns:
         The sample's row (also written to its work folder's done.json).
@@ -169,7 +170,7 @@ def run_sample(sample: Sample, overrides: dict[str, Any]) -> dict[str, Any]:
     try:
         _check_input(sample)
         values = _run_graph(sample, overrides, work)
-    except ImageInputError as error:
+    except (ImageInputError, RunInputError) as error:
         values = {"status": INPUT_ERROR, "error": str(error).strip().splitlines()[0]}
     result = values.get("result") or {}
     row: dict[str, Any] = {

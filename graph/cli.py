@@ -71,6 +71,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from graph.batch_guard import RootBusyError
     from graph.configuration import ConfigurationError
     from graph.policies.base import PolicyError
+    from graph.run_inputs import RunInputError
     from tools.imaging import ImageInputError
     from tools.knowledge.catalog import KnowledgeBaseError, UnknownAnomalyTypeError, UnknownCategoryError
 
@@ -81,6 +82,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigurationError,
         PolicyError,
         ImageInputError,
+        RunInputError,
         KnowledgeBaseError,
         UnknownAnomalyTypeError,
         UnknownCategoryError,

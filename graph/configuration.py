@@ -123,6 +123,12 @@ class Configuration(BaseModel):
         description="Folder every served run writes under (relative: to the working directory); a served run's run_dir "
         "is a path inside it. Set by whoever runs the server (YAML file or $ANOMALY_AGENT_RUN_ROOT), not by a run.",
     )
+    input_root: str | None = Field(
+        default=None,
+        description="Folder a run's image file must lie in (after symlinks; a relative image path is taken inside it). "
+        "Served runs: 'inputs' (relative to the working directory) when unset; in-process runs: any path unless set. "
+        "Set by whoever runs the server, not by a run.",
+    )
     kb_path: str | None = Field(
         default=None, description="chromadb folder; default: the user cache. Set by whoever runs the server, not by a run."
     )
@@ -171,7 +177,7 @@ class RunSettings(Configuration):
 
 
 #: Per-run settings a served run may not change: they name folders on the server (DESIGN §3).
-DEPLOYMENT_SETTINGS = ("run_root", "kb_path")
+DEPLOYMENT_SETTINGS = ("run_root", "kb_path", "input_root")
 
 
 def unknown_setting_message(name: str, known: Any) -> str:

@@ -1,8 +1,9 @@
 """The agent as a LangGraph StateGraph: policy -> tool -> policy ... -> finalize (DESIGN §3).
 
-`graph` is the served graph (`langgraph.json`): compiled without a checkpointer, as `langgraph dev` and
-the LangGraph server want (they bring their own), and it takes its inputs from anyone who can reach the
-server, so its runs write only under `run_root` and may not change the server's folders. Scripts and
+`graph` is the served graph (`langgraph.json`, through `served_graph`): compiled without a checkpointer,
+as `langgraph dev` and the LangGraph server want (they bring their own), and it takes its inputs from
+anyone who can reach the server, so its runs read images only under `input_root`, write only under
+`run_root` and may not change the server's folders. Scripts and
 batch runs call `build_graph(checkpointer=...)` with a SqliteSaver so an interrupted run resumes from
 its last step. Run settings are the graph's context (`RunSettings`); `configurable` is still read.
 """
@@ -10,14 +11,18 @@ its last step. Run settings are the graph's context (`RunSettings`); `configurab
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Checkpointer
 
-from graph.configuration import Configuration, RunSettings
+from graph.configuration import Configuration, RunSettings, run_configuration
 from graph.nodes import FINALIZE, POLICY, TOOL_NODES, finalize_node, policy_node, route_from_policy
 from graph.state import AgentInput, AgentOutput, AgentState
 from graph.tracing import configure_tracing
+
+if TYPE_CHECKING:
+    from langgraph_sdk.runtime import ServerRuntime
 
 
 def build_graph(checkpointer: Checkpointer = None, *, served: bool = False):
@@ -49,3 +54,18 @@ def recursion_limit(config: Configuration) -> int:
 
 
 graph = build_graph(served=True)
+
+
+def served_graph(runtime: ServerRuntime):
+    """`graph`, for one request of a LangGraph server; a run's settings are validated first, by name too.
+
+    Why here and not in the graph: the server keeps only the context keys its schema lists and drops the
+    rest before the graph starts, so a misspelled setting (``max_step``) would be silently ignored. The
+    server mirrors ``configurable`` into the context, so the two cannot be told apart here: the
+    ``configurable`` rule applies (a name close to a setting fails the run, naming the closest one).
+    """
+    execution = runtime.execution_runtime
+    context = execution.context if execution is not None else None
+    if isinstance(context, dict):
+        run_configuration({"configurable": context}, served=True)
+    return graph

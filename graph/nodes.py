@@ -23,7 +23,7 @@ from graph import prompts, tracing
 from graph.configuration import Configuration, ConfigurationError, RunSettings, run_configuration
 from graph.policies import PolicyError, get_policy
 from graph.protocol import BUDGET_REFUSAL, best_image, error_message
-from graph.run_inputs import RunInputError, check_seed, resolve_run_dir
+from graph.run_inputs import RunInputError, check_seed, resolve_image, resolve_run_dir
 from graph.state import AgentState
 from graph.tool_calls import TOOL_NAMES, InvalidCall, validate_call
 from graph.toolbox import get_toolbox
@@ -56,7 +56,7 @@ def start_run(state: AgentState, config: Configuration, *, confined: bool = Fals
     """Validate the inputs, store the normal image as image 1 and write the opening messages.
 
     A data URL input is replaced by the stored file's path, so the pixels are kept once (in the image
-    store), never again in the state, its history or traces. `confined`: see `resolve_run_dir`.
+    store), never again in the state, its history or traces. `confined`: see `resolve_run_dir`, `resolve_image`.
     """
     for key in ("image", "category", "anomaly_type"):
         if not state.get(key):
@@ -66,13 +66,14 @@ def start_run(state: AgentState, config: Configuration, *, confined: bool = Fals
     defect = catalog.defect(category.name, state["anomaly_type"])
     seed = check_seed(state.get("seed"), config.seed)
     run_dir = resolve_run_dir(state.get("run_dir"), config.run_root, confined=confined)
-    normal = load_image(state["image"])
+    source = resolve_image(state["image"], config.input_root, confined=confined)
+    normal = load_image(source)
     store = ImageStore(run_dir)
     try:
         image_id = store.put(normal)
     except OSError as error:
         raise RunInputError(f"input 'run_dir': cannot write to {run_dir}: {error.strerror or error}") from None
-    jpeg = jpeg_settings(state["image"])
+    jpeg = jpeg_settings(source)
     subject = category.subject
     return {
         "image": str(store.path(image_id)),

@@ -52,6 +52,16 @@ def test_batch_writes_mvtec_layout_and_summary(sample_dir, tmp_path):
         run_batch(samples, root, overrides={}, progress=False)
 
 
+def test_an_image_outside_a_set_input_root_is_an_input_error_not_a_stopped_batch(sample_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_AGENT_INPUT_ROOT", str(tmp_path / "inputs"))
+    root = tmp_path / "out"
+    summary = run_batch(plan(list_images(sample_dir / "tile")[:1], "tile", ["crack"], 1, root, seed=0), root,
+                        overrides={}, progress=False)
+    assert summary["statuses"] == {"input_error": 1}
+    error = summary["input_errors"][0]["error"]
+    assert "input 'image'" in error and "input_root" in error
+
+
 def _interrupted_sample(sample_dir: Path, tmp_path: Path, interrupt) -> tuple[Sample, Any]:
     """Plan one metal_nut scratch sample and start its graph run, which `interrupt` stops part-way.
 

@@ -75,6 +75,15 @@ def test_bad_inputs_give_one_clear_line_and_exit_code_2(sample_dir, tmp_path, ca
     assert not (tmp_path / "out" / "anomaly.png").exists()
 
 
+def test_an_image_outside_a_set_input_root_is_one_line_and_exit_2(sample_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ANOMALY_AGENT_INPUT_ROOT", str(tmp_path / "inputs"))
+    sample = sorted((sample_dir / "metal_nut").glob("*.png"))[0]
+    assert _synthesize(sample, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "input 'image'" in err[0] and "leads outside input_root" in err[0], err
+    assert not (tmp_path / "out" / "anomaly.png").exists()
+
+
 def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"not an image at all")

@@ -77,3 +77,20 @@ def test_the_layers_are_read_once_per_configuration_not_once_per_node(tmp_path, 
 
 def test_every_setting_has_a_description():
     assert [name for name, field in RunSettings.model_fields.items() if not field.description] == []
+
+
+def test_the_server_factory_refuses_a_misspelled_setting_before_the_server_drops_it():
+    from langgraph_sdk.runtime import _ExecutionRuntime, _ReadRuntime
+
+    from graph.graph import graph, served_graph
+
+    def run(context):
+        runtime = _ExecutionRuntime(access_context="threads.create_run", user=None, store=None, context=context)
+        return served_graph(runtime)
+
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'max_step' \(did you mean 'max_steps'\?\)"):
+        run({"max_step": 2})
+    with pytest.raises(ConfigurationError, match="setting 'input_root' belongs to the server's configuration"):
+        run({"input_root": "/"})
+    assert run({"max_steps": 2, "thread_id": "t"}) is graph
+    assert served_graph(_ReadRuntime(access_context="assistants.read", user=None, store=None)) is graph

@@ -26,12 +26,16 @@ def _run(image: Path, category: str, anomaly_type: str, run_dir: Path, seed: int
 def test_the_graph_langgraph_json_names_has_the_seven_nodes():
     import importlib.util
 
+    from langgraph_sdk.runtime import _ReadRuntime
+
     spec_text = json.loads((Path(__file__).parents[1] / "langgraph.json").read_text())["graphs"]["anomaly_agent"]
     path, attribute = spec_text.split(":")
     spec = importlib.util.spec_from_file_location("served_graph", Path(__file__).parents[1] / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    nodes = set(getattr(module, attribute).get_graph().nodes) - {"__start__", "__end__"}
+    factory = getattr(module, attribute)  # called as the server calls it to read the graph
+    served = factory(_ReadRuntime(access_context="assistants.read", user=None, store=None))
+    nodes = set(served.get_graph().nodes) - {"__start__", "__end__"}
     assert nodes == SEVEN_NODES
 
 

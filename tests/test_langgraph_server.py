@@ -33,9 +33,9 @@ def traces():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, traces):
-    """A real `langgraph dev` process on a free port, writing under its own run_root and tracing to
-    `traces`; yields (URL, run_root)."""
+def served(tmp_path_factory, traces, sample_dir):
+    """A real `langgraph dev` process on a free port, reading images under `sample_dir` (its input_root),
+    writing under its own run_root and tracing to `traces`; yields (URL, run_root)."""
     tmp_path = tmp_path_factory.mktemp("served")
     port = _free_port()
     log = tmp_path / "server.log"
@@ -49,6 +49,7 @@ def served(tmp_path_factory, traces):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "ANOMALY_AGENT_RUN_ROOT": str(tmp_path / "runs"),
+        "ANOMALY_AGENT_INPUT_ROOT": str(sample_dir),
         "NO_COLOR": "1",
     }
     cli = Path(sys.executable).with_name("langgraph")
@@ -137,8 +138,11 @@ def test_settings_come_from_the_context_or_configurable(client, sample_dir):
 
 
 @pytest.mark.integration
-def test_a_misspelled_setting_fails_the_run_naming_the_closest_one(client, sample_dir):
-    message = _error(client, sample_dir, config={"configurable": {"max_step": 2}})
+@pytest.mark.parametrize("channel", ["configurable", "context"])
+def test_a_misspelled_setting_fails_the_run_naming_the_closest_one(client, sample_dir, channel):
+    settings = {"max_step": 2}
+    where = {"context": settings} if channel == "context" else {"config": {"configurable": settings}}
+    message = _error(client, sample_dir, **where)
     assert "unknown setting 'max_step' (did you mean 'max_steps'?)" in message
 
 
@@ -154,6 +158,23 @@ def test_a_run_dir_out_of_run_root_is_refused_and_nothing_is_written(served, cli
     assert list(tmp_path.iterdir()) == []
     output = client.runs.wait(None, "anomaly_agent", input=_inputs(sample_dir, run_dir="team/a"))
     assert Path(output["result"]["anomaly_path"]).parent == root / "team" / "a"
+
+
+@pytest.mark.integration
+def test_an_image_path_out_of_input_root_is_refused_and_one_inside_is_read(served, client, sample_dir, tmp_path):
+    image = Path(_inputs(sample_dir)["image"])
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image.read_bytes())
+    links = sample_dir / "served-links"
+    links.mkdir(exist_ok=True)
+    if not (links / "out.png").is_symlink():
+        (links / "out.png").symlink_to(secret)
+    for path in ("/etc/passwd", str(secret), "../" + secret.name, "served-links/out.png"):
+        message = _error(client, sample_dir, {"image": path})
+        assert "input 'image'" in message and "input_root" in message, message
+    for path in (str(image), str(image.relative_to(sample_dir))):
+        output = client.runs.wait(None, "anomaly_agent", input=_inputs(sample_dir, image=path))
+        assert output["status"] in ("success", "budget_exhausted"), output
 
 
 @pytest.mark.integration

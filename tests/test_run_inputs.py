@@ -9,7 +9,7 @@ import pytest
 
 from graph.graph import build_graph, recursion_limit
 from graph.configuration import Configuration
-from graph.run_inputs import RunInputError, check_seed, resolve_run_dir
+from graph.run_inputs import RunInputError, check_seed, resolve_image, resolve_run_dir
 
 
 def test_a_served_run_dir_is_a_name_or_relative_path_inside_the_root(tmp_path):
@@ -70,6 +70,7 @@ def test_an_unwritable_run_dir_fails_the_run_naming_the_field(sample_dir, tmp_pa
 
 def test_the_served_graph_refuses_a_run_dir_out_of_run_root(sample_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("ANOMALY_AGENT_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("ANOMALY_AGENT_INPUT_ROOT", str(sample_dir))
     served = build_graph(served=True)
     with pytest.raises(RunInputError, match="input 'run_dir'"):
         _run(served, sample_dir, run_dir="../escaped")
@@ -77,3 +78,48 @@ def test_the_served_graph_refuses_a_run_dir_out_of_run_root(sample_dir, tmp_path
     out = _run(served, sample_dir, run_dir="mine", seed=2)
     assert Path(out["result"]["anomaly_path"]).parent == (tmp_path / "runs" / "mine").resolve()
     assert os.listdir(tmp_path) == ["runs"]
+
+
+def test_a_confined_image_path_must_resolve_inside_input_root(tmp_path):
+    root = tmp_path / "inputs"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"")
+    inside = str((root / "a" / "x.png").resolve())
+    assert resolve_image("a/x.png", str(root), confined=True) == inside  # relative: taken inside the root
+    assert resolve_image(inside, str(root), confined=True) == inside  # absolute: must point into it
+    assert resolve_image("data:image/png;base64,AAAA", str(root), confined=True) == "data:image/png;base64,AAAA"
+
+
+@pytest.mark.parametrize(
+    ("image", "why"),
+    [("/etc/passwd", "'/etc/passwd' leads outside input_root$"),
+     ("../x.png", r"may not contain '\.\.' \(it must stay inside input_root\)"),
+     ("a/../../x.png", r"may not contain '\.\.'"), ("~/x.png", "must be a path inside input_root"),
+     ("out/secret.png", "leads outside input_root \\(through a symlink\\)")],
+)
+def test_a_confined_image_path_out_of_input_root_is_refused_naming_the_field(tmp_path, image, why):
+    root = tmp_path / "inputs"
+    root.mkdir()
+    (root / "out").symlink_to(tmp_path)
+    (tmp_path / "secret.png").write_bytes(b"")
+    with pytest.raises(RunInputError, match=f"^input 'image' .*{why}"):
+        resolve_image(image, str(root), confined=True)
+
+
+def test_an_in_process_image_is_any_path_unless_input_root_is_set(tmp_path):
+    assert resolve_image("/etc/passwd", None, confined=False) == "/etc/passwd"
+    with pytest.raises(RunInputError, match="input 'image' '/etc/passwd' leads outside input_root"):
+        resolve_image("/etc/passwd", str(tmp_path), confined=False)
+    with pytest.raises(RunInputError, match="input 'image' must be a file path or a data URL, not int"):
+        resolve_image(3, None, confined=False)
+
+
+def test_the_served_graph_reads_image_files_only_inside_input_root(sample_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_AGENT_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)  # the default input_root, 'inputs', is relative to the working directory
+    with pytest.raises(RunInputError, match="input 'image' .* leads outside input_root"):
+        _run(build_graph(served=True), sample_dir)
+    monkeypatch.setenv("ANOMALY_AGENT_INPUT_ROOT", str(sample_dir))
+    assert _run(build_graph(served=True), sample_dir)["status"] in ("success", "budget_exhausted")
+    out = _run(build_graph(), sample_dir, run_dir=str(tmp_path / "in-process"))  # in-process: input_root set, inside
+    assert out["status"] in ("success", "budget_exhausted")
