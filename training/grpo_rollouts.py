@@ -155,7 +155,7 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
         with slot():
             rollout = run_one(agent, task, group=group, member=member, seed=task.seed * 100 + member,
                               run_dir=work_dir / f"g{group:03d}-m{member:02d}", overrides=overrides,
-                              max_steps=cfg.max_steps, max_image_gens=cfg.max_image_gens, weights=weights,
+                              max_steps=cfg.budget.max_steps, max_image_gens=cfg.budget.max_image_gens, weights=weights,
                               recursion=recursion_limit(cfg))
         if bar is not None:
             bar.update(1)
