@@ -315,7 +315,8 @@ def _flat_field(section: str | None, name: str) -> tuple[Any, Any]:
     return info.annotation, copy.copy(info)
 
 
-#: Flat, so LangGraph Studio shows one form of described fields and a run's context stays a flat mapping.
+#: The graph's ``context_schema``: every setting by its flat name, so LangGraph Studio shows one form of
+#: described fields and a run's context stays the flat mapping it always was.
 RunSettings: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "RunSettings",
     __base__=_KnownNames,
