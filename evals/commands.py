@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,58 +84,23 @@ def config_from_args(args: Any) -> EvalConfig:
     )
 
 
-def bench_qe(argv: list[str]) -> int | None:
-    from evals.bench_qe import main
-
-    return main(argv)
-
-
-def bench_agent(argv: list[str]) -> int | None:
-    from evals.bench_agent import main
-
-    return main(argv)
-
-
-def bench_loop(argv: list[str]) -> int | None:
-    from evals.loop_study import main
-
-    return main(argv)
+#: The ``bench`` subcommands: (name, module of this package whose ``main(argv)`` runs it, help).
+BENCHMARKS: tuple[tuple[str, str, str], ...] = (
+    ("qe", "bench_qe", "the judge's AUROC on synthetic defects of known quality"),
+    ("agent", "bench_agent", "time and memory per sample of the agent and of each tool"),
+    ("loop", "loop_study", "closed loop vs open loop on degraded first instructions"),
+    ("generators", "bench_generators", "agent vs baselines: samples/s, stages, memory"),
+    ("contact-sheets", "contact_sheets", "contact sheets of the embedded image engine per family and category"),
+    ("gpu-backends", "gpu_bench_backends", "the production image backends' time and GPU memory per sample"),
+    ("diversity", "bench_diversity", "per defect type: spread of mask area, contrast and outline irregularity"),
+    ("camera", "bench_camera", "per family: noise and JPEG-blockiness ratio inside a defect vs a ring around it"),
+    ("scale", "bench_scale", "samples/s of the process pool and of Ray (1 and 2 workers), Ray's cost per sample"),
+)
 
 
-def bench_generators(argv: list[str]) -> int | None:
-    from evals.bench_generators import main
-
-    return main(argv)
-
-
-def bench_contact_sheets(argv: list[str]) -> int | None:
-    from evals.contact_sheets import main
-
-    return main(argv)
-
-
-def bench_gpu_backends(argv: list[str]) -> int | None:
-    from evals.gpu_bench_backends import main
-
-    return main(argv)
-
-
-def bench_scale(argv: list[str]) -> int | None:
-    from evals.bench_scale import main
-
-    return main(argv)
-
-
-def bench_diversity(argv: list[str]) -> int | None:
-    from evals.bench_diversity import main
-
-    return main(argv)
-
-
-def bench_camera(argv: list[str]) -> int | None:
-    from evals.bench_camera import main
-
-    return main(argv)
+def _main_of(module: str) -> Callable[[list[str]], int | None]:
+    """The ``main(argv)`` of `module` in this package, imported when the command runs."""
+    return lambda argv: import_module(f"{__package__}.{module}").main(argv)
 
 
 def register(sub: Any) -> None:
@@ -155,17 +122,5 @@ def register(sub: Any) -> None:
     q.set_defaults(func=transfer_cli.run)
 
     bench = command_group(sub, "bench", "benchmarks (each takes its own options; see its --help)")
-    add_passthrough(bench, "qe", "the judge's AUROC on synthetic defects of known quality", bench_qe)
-    add_passthrough(bench, "agent", "time and memory per sample of the agent and of each tool", bench_agent)
-    add_passthrough(bench, "loop", "closed loop vs open loop on degraded first instructions", bench_loop)
-    add_passthrough(bench, "generators", "agent vs baselines: samples/s, stages, memory", bench_generators)
-    add_passthrough(bench, "contact-sheets", "contact sheets of the embedded image engine per family and category",
-                    bench_contact_sheets)
-    add_passthrough(bench, "gpu-backends", "the production image backends' time and GPU memory per sample",
-                    bench_gpu_backends)
-    add_passthrough(bench, "diversity", "per defect type: spread of mask area, contrast and outline irregularity",
-                    bench_diversity)
-    add_passthrough(bench, "camera", "per family: noise and JPEG-blockiness ratio inside a defect vs a ring around it",
-                    bench_camera)
-    add_passthrough(bench, "scale", "samples/s of the process pool and of Ray (1 and 2 workers), Ray's cost per sample",
-                    bench_scale)
+    for name, module, help in BENCHMARKS:
+        add_passthrough(bench, name, help, _main_of(module))

@@ -90,11 +90,12 @@ def evaluate_policy(overrides: dict[str, Any], tasks: int, seed: int = 0, size: 
                 {"image": task.image, "category": task.category, "anomaly_type": task.anomaly_type,
                  "seed": task.seed, "run_dir": str(work / "runs" / f"{index:04d}")},
                 {"configurable": dict(overrides), "recursion_limit": recursion_limit(cfg)},
+                context=cfg,
             )
             seconds = time.perf_counter() - started
             result = output.get("result") or {}
             record = json.loads(Path(result["trajectory_path"]).read_text()) if result.get("trajectory_path") else {}
-            run = measure_run(output, record, cfg.max_steps, cfg.max_image_gens, seconds)
+            run = measure_run(output, record, cfg.budget.max_steps, cfg.budget.max_image_gens, seconds)
             logger.info("task %d %s/%s: %s, %d turns (%d valid), protocol %s, %.1fs", index, task.category,
                         task.anomaly_type, run.status, run.turns, run.valid_turns, run.protocol, seconds)
             runs.append(run)

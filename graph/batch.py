@@ -223,7 +223,7 @@ def _run_graph(sample: Sample, overrides: dict[str, Any], work: Path) -> dict[st
             # `tasks`, not `next`: a node that finished just before the kill has its writes saved
             # as pending writes, so it is no longer in `next`, yet the graph has not moved on.
             logger.info("resuming sample %s at %s", thread_id, [task.name for task in existing.tasks])
-            agent.invoke(None, thread)
+            agent.invoke(None, thread, context=cfg)
         elif not existing.values:
             agent.invoke(
                 {
@@ -234,6 +234,7 @@ def _run_graph(sample: Sample, overrides: dict[str, Any], work: Path) -> dict[st
                     "run_dir": str(work),
                 },
                 thread,
+                context=cfg,
             )
         final = agent.get_state(thread)
     if final.tasks or "status" not in final.values:

@@ -248,8 +248,8 @@ def probe_root(path: str, token: str) -> str | None:
 
 def uses_gpu(cfg: Configuration) -> bool:
     """Whether a model-backed tool or the local policy is set to run on an accelerator."""
-    models = cfg.image_backend == "diffusers" or cfg.mask_backend == "sam" or cfg.policy == "local"
-    return models and cfg.torch_device != "cpu"
+    models = cfg.image.backend == "diffusers" or cfg.mask.backend == "sam" or cfg.policy.kind == "local"
+    return models and cfg.device != "cpu"
 
 
 def worker_room(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:

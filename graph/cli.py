@@ -123,6 +123,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     values = build_graph().invoke(
         {"image": str(Path(args.image).resolve()), "category": category, "anomaly_type": anomaly_type, "seed": cfg.seed, "run_dir": str(out)},
         {"configurable": overrides, "recursion_limit": recursion_limit(cfg)},
+        context=cfg,
     )
     result = values.get("result", {})
     print(

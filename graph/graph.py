@@ -5,7 +5,8 @@ as `langgraph dev` and the LangGraph server want (they bring their own), and it 
 anyone who can reach the server, so its runs read images only under `input_root`, write only under
 `run_root` and may not change the server's folders. Scripts and
 batch runs call `build_graph(checkpointer=...)` with a SqliteSaver so an interrupted run resumes from
-its last step. Run settings are the graph's context (`RunSettings`); `configurable` is still read.
+its last step. Run settings are the graph's context (`RunSettings`, or a resolved `Configuration`, which
+the nodes then use as it is); `configurable` is still read.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def recursion_limit(config: Configuration) -> int:
 
     Each tool call takes two super-steps (policy, tool); invalid calls take one; plus start and finalize.
     """
-    return 2 * config.max_steps + 10
+    return 2 * config.budget.max_steps + 10
 
 
 graph = build_graph(served=True)

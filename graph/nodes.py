@@ -65,8 +65,8 @@ def start_run(state: AgentState, config: Configuration, *, confined: bool = Fals
     category = catalog.category(state["category"])
     defect = catalog.defect(category.name, state["anomaly_type"])
     seed = check_seed(state.get("seed"), config.seed)
-    run_dir = resolve_run_dir(state.get("run_dir"), config.run_root, confined=confined)
-    source = resolve_image(state["image"], config.input_root, confined=confined)
+    run_dir = resolve_run_dir(state.get("run_dir"), config.storage.run_root, confined=confined)
+    source = resolve_image(state["image"], config.storage.input_root, confined=confined)
     normal = load_image(source)
     store = ImageStore(run_dir)
     try:
@@ -102,8 +102,8 @@ def start_run(state: AgentState, config: Configuration, *, confined: bool = Fals
                     category=category.name,
                     anomaly_type=defect.name,
                     subject=subject,
-                    max_steps=config.max_steps,
-                    max_image_gens=config.max_image_gens,
+                    max_steps=config.budget.max_steps,
+                    max_image_gens=config.budget.max_image_gens,
                 )
             ),
             HumanMessage(prompts.task_prompt(anomaly_type=defect.name, subject=subject)),
@@ -126,7 +126,7 @@ def policy_node(
     name, tags, metadata = tracing.run_labels(view, cfg)
     if update:
         tracing.label_graph_run(config, name, tags, metadata)
-    if view.get("steps", 0) >= cfg.max_steps:
+    if view.get("steps", 0) >= cfg.budget.max_steps:
         return {**update, "status": "budget_exhausted", "next": FINALIZE}
 
     started = time.perf_counter()
@@ -155,7 +155,7 @@ def policy_node(
     for extra in rest:
         new_messages.append(_error_message("one tool call per turn; this one was ignored", extra))
 
-    if not isinstance(first, InvalidCall) and first.name == "image_gen" and view.get("image_gens", 0) >= cfg.max_image_gens:
+    if not isinstance(first, InvalidCall) and first.name == "image_gen" and view.get("image_gens", 0) >= cfg.budget.max_image_gens:
         first = InvalidCall(first.name, f"{BUDGET_REFUSAL}; call mask_gen on your best image", first.call_id)
     if isinstance(first, InvalidCall):
         new_messages.insert(answer_at, _error_message(first.error, first))
@@ -419,7 +419,7 @@ def choose_final(state: AgentState, cfg: Configuration) -> tuple[int | None, str
         return best, infrastructure
     out_of_budget = (
         state.get("status") == "budget_exhausted"
-        or state.get("steps", 0) >= cfg.max_steps
-        or state.get("image_gens", 0) >= cfg.max_image_gens
+        or state.get("steps", 0) >= cfg.budget.max_steps
+        or state.get("image_gens", 0) >= cfg.budget.max_image_gens
     )
     return best, "budget_exhausted" if out_of_budget else "incomplete"

@@ -120,17 +120,17 @@ def run_labels(state: dict[str, Any], cfg: Configuration) -> tuple[str, list[str
         "category": category,
         "anomaly_type": anomaly_type,
         "seed": state.get("seed"),
-        "policy": cfg.policy,
-        "model": cfg.model,
+        "policy": cfg.policy.kind,
+        "model": cfg.policy.model,
         "backends": {
-            "prompt": cfg.prompt_backend,
-            "image": cfg.image_backend,
-            "judge": cfg.judge_backend,
-            "knowledge": cfg.knowledge_backend,
-            "mask": cfg.mask_backend,
+            "prompt": cfg.prompt.backend,
+            "image": cfg.image.backend,
+            "judge": cfg.judge.backend,
+            "knowledge": cfg.knowledge.backend,
+            "mask": cfg.mask.backend,
         },
     }
-    tags = [f"category:{category}", f"anomaly_type:{anomaly_type}", f"policy:{cfg.policy}"]
+    tags = [f"category:{category}", f"anomaly_type:{anomaly_type}", f"policy:{cfg.policy.kind}"]
     return f"anomaly-agent {category}/{anomaly_type}", tags, metadata
 
 
@@ -178,13 +178,13 @@ def tool_run(config: RunnableConfig, name: str, args: dict[str, Any], tags: list
 def traced_policy_call(config: RunnableConfig, cfg: Configuration, messages: list[BaseMessage], decide: Callable[[], Any],
                        tags: list[str], metadata: dict[str, Any]) -> Any:
     """`decide()` as an ``llm`` run when a model is asked (openai, local); the scripted policy is not traced apart."""
-    if cfg.policy == "scripted":
+    if cfg.policy.kind == "scripted":
         return decide()
-    model = cfg.model or cfg.policy
-    llm_metadata = {**metadata, "ls_provider": cfg.policy, "ls_model_name": model, "ls_temperature": cfg.temperature}
+    model = cfg.policy.model or cfg.policy.kind
+    llm_metadata = {**metadata, "ls_provider": cfg.policy.kind, "ls_model_name": model, "ls_temperature": cfg.policy.temperature}
     (run,) = _manager(config, tags, llm_metadata).on_chat_model_start(
         {"name": model}, [messages], name=f"policy {model}",
-        invocation_params={"model": model, "temperature": cfg.temperature, "max_tokens": cfg.max_tokens},
+        invocation_params={"model": model, "temperature": cfg.policy.temperature, "max_tokens": cfg.policy.max_tokens},
     )
     try:
         message = decide()

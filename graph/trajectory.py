@@ -65,7 +65,7 @@ def write_outputs(
         region_id = (state.get("generations") or {}).get(key, {}).get("region_id")
         if region_id:
             result["mask_iou"] = mask_iou(mask, store.get(region_id))
-        if cfg.return_data_urls:
+        if cfg.storage.return_data_urls:
             result["anomaly_data_url"] = encode_data_url(anomaly)
             result["mask_data_url"] = encode_data_url(mask)
     record = trajectory_record(state, result)

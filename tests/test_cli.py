@@ -172,3 +172,17 @@ def test_batch_counts_out_of_range_are_one_line_and_exit_2(sample_dir, tmp_path,
     line = _one_error_line(capsys)
     assert flag in line and value in line
     assert not (tmp_path / "out").exists()
+
+
+def test_every_benchmark_command_runs_its_own_modules_main(capsys):
+    from importlib.util import find_spec
+
+    from evals.commands import BENCHMARKS as EVAL_BENCHMARKS
+    from training.commands import BENCHMARKS as TRAINING_BENCHMARKS
+
+    for package, table in (("evals", EVAL_BENCHMARKS), ("training", TRAINING_BENCHMARKS)):
+        for _, module, _ in table:
+            assert find_spec(f"{package}.{module}") is not None, f"{package}.{module}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "qe", "--help"])
+    assert exit_info.value.code == 0 and "usage: bench_qe" in capsys.readouterr().out

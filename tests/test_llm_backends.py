@@ -105,6 +105,13 @@ def test_tool_endpoints_default_to_the_policy_endpoint_and_need_one():
         get_toolbox(Configuration(prompt_backend="llm"))
 
 
+def test_the_toolbox_is_kept_across_policy_settings_and_rebuilt_when_a_tool_section_changes():
+    base = Configuration(judge_backend="vlm", judge_base_url="http://j/v1")
+    assert get_toolbox(base) is get_toolbox(Configuration(**{**base.flat(), "temperature": 0.9, "max_steps": 4}))
+    stricter = get_toolbox(Configuration(**{**base.flat(), "pass_quality": 4.0}))
+    assert stricter is not get_toolbox(base) and stricter.judge.pass_quality == 4.0
+
+
 def test_graph_run_with_llm_pg_and_vlm_judge(sample_dir, tmp_path):
     script = [{"content": "Add one medium dark crack with sharp edges, high contrast, in the center of the tile."},
               {"content": json.dumps({**VERDICT, "quality": 4.0})}]

@@ -19,13 +19,13 @@ def test_every_preset_validates_by_name_and_by_path(name):
 
 def test_cpu_preset_is_the_embedded_default():
     cfg = Configuration.load(config_file="cpu")
-    assert (cfg.policy, cfg.image_backend, cfg.mask_backend, cfg.judge_backend) == ("scripted", "procedural", "change", "metric")
+    assert (cfg.policy.kind, cfg.image.backend, cfg.mask.backend, cfg.judge.backend) == ("scripted", "procedural", "change", "metric")
 
 
 def test_gpu_open_preset_selects_open_model_backends():
     cfg = Configuration.load(config_file="gpu-open")
-    assert (cfg.policy, cfg.judge_backend, cfg.image_backend, cfg.mask_backend) == ("openai", "vlm", "diffusers", "sam")
-    assert cfg.base_url and cfg.judge_base_url and cfg.diffusion_model_path and cfg.sam_checkpoint
+    assert (cfg.policy.kind, cfg.judge.backend, cfg.image.backend, cfg.mask.backend) == ("openai", "vlm", "diffusers", "sam")
+    assert cfg.policy.base_url and cfg.judge.base_url and cfg.image.model_path and cfg.mask.checkpoint
 
 
 def test_gpu_open_without_the_model_files_fails_naming_the_key(tmp_path, monkeypatch):
@@ -37,4 +37,4 @@ def test_gpu_open_without_the_model_files_fails_naming_the_key(tmp_path, monkeyp
 def test_preset_names_do_not_hide_real_files(tmp_path, monkeypatch):
     (tmp_path / "cpu").write_text("max_steps: 4\n")
     monkeypatch.chdir(tmp_path)
-    assert Configuration.load(config_file="cpu").max_steps == 4
+    assert Configuration.load(config_file="cpu").budget.max_steps == 4

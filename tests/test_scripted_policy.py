@@ -71,7 +71,7 @@ def test_image_budget_spent_masks_the_best_scored_image():
 
 
 def test_last_step_of_the_budget_goes_to_the_mask():
-    cfg_steps = CFG.max_steps
+    cfg_steps = CFG.budget.max_steps
     calls = ["prompt_gen"] + ["image_gen", "quality_eval"] * ((cfg_steps - 2) // 2)
     state = _state(calls[: cfg_steps - 1], {"2": FAILED})
     assert _next(state)[0] == "mask_gen"

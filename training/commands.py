@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -139,28 +141,17 @@ def print_heldout(summary: dict) -> None:
     print(f"grpo reward_before {before['reward_mean']:.4f} reward_after {after['reward_mean']:.4f}")
 
 
-def build_sft_data(argv: list[str]) -> int | None:
-    from training.data import main
-
-    return main(argv)
-
-
-def bench_grpo_update(argv: list[str]) -> int | None:
-    from training.bench_grpo_update import main
-
-    return main(argv)
+#: The ``bench`` subcommands: (name, module of this package whose ``main(argv)`` runs it, help).
+BENCHMARKS: tuple[tuple[str, str, str], ...] = (
+    ("grpo-update", "bench_grpo_update", "KL vs gain of one GRPO update per rule and learning rate"),
+    ("rollouts", "bench_rollouts", "a GRPO round's time per decoding mode"),
+    ("sft", "bench_sft", "SFT training time and memory, waiting for a quiet machine"),
+)
 
 
-def bench_rollouts(argv: list[str]) -> int | None:
-    from training.bench_rollouts import main
-
-    return main(argv)
-
-
-def bench_sft(argv: list[str]) -> int | None:
-    from training.bench_sft import main
-
-    return main(argv)
+def _main_of(module: str) -> Callable[[list[str]], int | None]:
+    """The ``main(argv)`` of `module` in this package, imported when the command runs."""
+    return lambda argv: import_module(f"{__package__}.{module}").main(argv)
 
 
 def register(sub: Any) -> None:
@@ -203,7 +194,7 @@ def register(sub: Any) -> None:
     q.add_argument("--config", help="YAML file with agent configuration keys (budget, QE thresholds...)")
     q.set_defaults(func=cmd_trajectories_reverse)
     add_passthrough(tr, "sft-data", "the SFT data set: scripted graph runs plus reverse trajectories, held-out split",
-                    build_sft_data)
+                    _main_of("data"))
 
     tr = command_group(sub, "train", "train a policy")
     q = tr.add_parser("sft", help="supervised fine-tuning on trajectories with TRL (assistant-only loss)")
@@ -223,6 +214,5 @@ def register(sub: Any) -> None:
     q.set_defaults(func=cmd_train_grpo)
 
     bench = command_group(sub, "bench", "benchmarks (each takes its own options; see its --help)")
-    add_passthrough(bench, "grpo-update", "KL vs gain of one GRPO update per rule and learning rate", bench_grpo_update)
-    add_passthrough(bench, "rollouts", "a GRPO round's time per decoding mode", bench_rollouts)
-    add_passthrough(bench, "sft", "SFT training time and memory, waiting for a quiet machine", bench_sft)
+    for name, module, help in BENCHMARKS:
+        add_passthrough(bench, name, help, _main_of(module))

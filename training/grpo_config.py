@@ -221,9 +221,9 @@ class GRPOJobConfig:
                                   "would be the held-out or training ones)")
         if self.num_generations < 2:
             raise GRPOConfigError("num_generations must be at least 2: advantages are relative to the group")
-        from graph.configuration import Configuration
+        from graph.configuration import FLAT_NAMES
 
-        unknown = sorted(set(self.graph) - set(Configuration.model_fields))
+        unknown = sorted(set(self.graph) - set(FLAT_NAMES))
         if unknown:
             raise GRPOConfigError(f"graph has unknown configuration keys: {', '.join(unknown)}")
 

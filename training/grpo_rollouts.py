@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage
 
+from graph.configuration import Configuration
 from graph.protocol import message_text, repeated_call_turns, turns_accepted
 from graph.tasks import Task
 from training.grpo_rewards import RewardBreakdown, RewardWeights, score_rollout
@@ -97,16 +98,20 @@ def turns_from_messages(messages: list[Any]) -> tuple[list[Turn], int]:
     return turns, untracked
 
 
-def run_one(agent: Any, task: Task, *, group: int, member: int, seed: int, run_dir: Path, overrides: dict[str, Any],
-            max_steps: int, max_image_gens: int, weights: RewardWeights, recursion: int) -> Rollout:
-    """One rollout; a run that fails in any way is scored as what it is (low), never raised."""
+def run_one(agent: Any, task: Task, *, group: int, member: int, seed: int, run_dir: Path, config: Configuration,
+            weights: RewardWeights) -> Rollout:
+    """One rollout under `config` (the run's context); a run that fails in any way is scored as what it is
+    (low), never raised."""
+    from graph.graph import recursion_limit
+
     started = time.perf_counter()
     error = None
     try:
         output = agent.invoke(
             {"image": task.image, "category": task.category, "anomaly_type": task.anomaly_type, "seed": seed,
              "run_dir": str(run_dir)},
-            {"configurable": dict(overrides), "recursion_limit": recursion},
+            {"recursion_limit": recursion_limit(config)},
+            context=config,
         )
     except Exception as exc:  # a crashed run is a zero-reward sample, not a crashed training run
         logger.warning("rollout %s/%s seed %d failed: %s", task.category, task.anomaly_type, seed, exc)
@@ -115,7 +120,8 @@ def run_one(agent: Any, task: Task, *, group: int, member: int, seed: int, run_d
     record: dict[str, Any] = {}
     if result.get("trajectory_path") and Path(result["trajectory_path"]).is_file():
         record = json.loads(Path(result["trajectory_path"]).read_text())
-    reward = score_rollout(output, record, max_steps=max_steps, max_image_gens=max_image_gens, weights=weights)
+    budget = config.budget
+    reward = score_rollout(output, record, max_steps=budget.max_steps, max_image_gens=budget.max_image_gens, weights=weights)
     messages = output.get("messages") or []
     turns, untracked = turns_from_messages(messages)
     thoughts = [message_text(m).strip() for m in messages if isinstance(m, AIMessage)]
@@ -130,9 +136,7 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
     Member g of task t runs with seed ``t.seed * 100 + g``: the policy's sampling seed per turn and the
     tools' seeds derive from it, so a group's members differ and a rerun repeats them.
     """
-    from graph.configuration import Configuration
-    from graph.graph import build_graph, recursion_limit
-
+    from graph.graph import build_graph
     from graph.policies import check_policy
 
     cfg = Configuration.load(overrides=overrides)
@@ -154,9 +158,7 @@ def run_groups(tasks: list[Task], group_size: int, overrides: dict[str, Any], wo
         task, group, member = item
         with slot():
             rollout = run_one(agent, task, group=group, member=member, seed=task.seed * 100 + member,
-                              run_dir=work_dir / f"g{group:03d}-m{member:02d}", overrides=overrides,
-                              max_steps=cfg.max_steps, max_image_gens=cfg.max_image_gens, weights=weights,
-                              recursion=recursion_limit(cfg))
+                              run_dir=work_dir / f"g{group:03d}-m{member:02d}", config=cfg, weights=weights)
         if bar is not None:
             bar.update(1)
         return rollout

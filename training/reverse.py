@@ -273,6 +273,7 @@ def drive(
             {"image": str(normal_path), "category": category, "anomaly_type": anomaly_type, "seed": seed,
              "run_dir": str(run_dir)},
             {"configurable": dict(overrides), "recursion_limit": recursion_limit(config)},
+            context=config,
         )
     if generator.pending:
         raise _Diverged(f"the run ended with {len(generator.pending)} planned images unused")
@@ -425,8 +426,8 @@ def reverse_synthesize(
 
     overrides = {**(overrides or {}), "policy": "scripted"}
     config = Configuration.load(overrides=overrides)
-    if max(stages) > config.max_image_gens or min(stages) < 1:
-        raise ReverseError(f"stages must be between 1 and max_image_gens ({config.max_image_gens}); got {stages}")
+    if max(stages) > config.budget.max_image_gens or min(stages) < 1:
+        raise ReverseError(f"stages must be between 1 and max_image_gens ({config.budget.max_image_gens}); got {stages}")
     anomalies = list_anomalies(Path(root), categories)
     order = np.random.default_rng(seed).permutation(len(anomalies))
     anomalies = [anomalies[i] for i in order][: limit or None]

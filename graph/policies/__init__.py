@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from graph.configuration import Configuration
+from graph.configuration import Configuration, ConnectionSettings
 from graph.policies.base import Policy, PolicyError
 from graph.policies.scripted import ScriptedPolicy
 
@@ -12,18 +12,19 @@ __all__ = ["Policy", "PolicyError", "check_policy", "get_policy"]
 
 
 def get_policy(config: Configuration) -> Policy:
-    """The policy backend named by `config.policy`, shared across steps and runs with the same settings.
+    """The policy backend named by `config.policy.kind`, shared across steps and runs with the same settings.
 
     Raises:
         PolicyError: the backend cannot be set up (no endpoint given for `openai`...).
     """
-    if config.policy == "scripted":
+    policy = config.policy
+    if policy.kind == "scripted":
         return ScriptedPolicy()
-    if config.policy == "openai":
-        return _openai(config.base_url, config.model, config.api_key, config.request_timeout_s, config.max_retries)
-    if config.policy == "local":
-        return _local(config.model)
-    raise PolicyError(f"unknown policy '{config.policy}'; use scripted, openai or local")
+    if policy.kind == "openai":
+        return _openai(policy.base_url, policy.model, config.connection)
+    if policy.kind == "local":
+        return _local(policy.model)
+    raise PolicyError(f"unknown policy '{policy.kind}'; use scripted, openai or local")
 
 
 def check_policy(config: Configuration) -> Policy:
@@ -40,15 +41,11 @@ def check_policy(config: Configuration) -> Policy:
 
 
 @lru_cache(maxsize=8)
-def _openai(base_url: str | None, model: str | None, api_key: str, timeout_s: float, max_retries: int) -> Policy:
+def _openai(base_url: str | None, model: str | None, connection: ConnectionSettings) -> Policy:
     from graph.policies.openai_policy import OpenAIPolicy
 
-    return OpenAIPolicy.from_config(
-        Configuration(
-            policy="openai", base_url=base_url, model=model, api_key=api_key,
-            request_timeout_s=timeout_s, max_retries=max_retries,
-        )
-    )
+    return OpenAIPolicy.from_config(Configuration(policy={"kind": "openai", "base_url": base_url, "model": model},
+                                                  connection=connection))
 
 
 @lru_cache(maxsize=4)

@@ -57,11 +57,11 @@ def chat_messages(state: AgentState, config: Configuration) -> list[dict[str, An
     """The run so far as the OpenAI chat messages a policy is sent.
 
     A text-only policy sees ``<image N>`` placeholders (already in the prompts and observations). With
-    ``config.vision`` the first user message also carries the normal image as a data URL, and with
+    ``config.policy.vision`` the first user message also carries the normal image as a data URL, and with
     ``show_generated_images`` each generated image follows the tool result that announced it.
     """
     messages = to_openai_messages(state.get("messages", []))
-    if not config.vision:
+    if not config.policy.vision:
         return messages
     images = state.get("images") or {}
     out: list[dict[str, Any]] = []
@@ -75,7 +75,7 @@ def chat_messages(state: AgentState, config: Configuration) -> list[dict[str, An
             first_user_done = True
             entry = {**entry, "content": [{"type": "text", "text": content_text(entry["content"])}, _image_part(state, 1)]}
         out.append(entry)
-        if entry["role"] == "tool" and config.show_generated_images:
+        if entry["role"] == "tool" and config.policy.show_generated_images:
             match = _GENERATED.search(content_text(entry.get("content")))
             if match and match.group(1) in images:
                 pending.append(int(match.group(1)))

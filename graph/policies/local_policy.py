@@ -38,14 +38,14 @@ class LocalPolicy:
         generation = self.model.generate(
             chat_messages(state, config),
             tools=tools_for_policy(),
-            temperature=config.temperature,
-            max_new_tokens=config.max_tokens,
-            stop=[TOOL_CALL_CLOSE] if config.stop_after_tool_call else None,
-            seed=turn_seed(state) if config.temperature > 0 else None,
-            logprobs=config.record_token_ids,
+            temperature=config.policy.temperature,
+            max_new_tokens=config.policy.max_tokens,
+            stop=[TOOL_CALL_CLOSE] if config.policy.stop_after_tool_call else None,
+            seed=turn_seed(state) if config.policy.temperature > 0 else None,
+            logprobs=config.policy.record_token_ids,
         )
         metadata = {"finish_reason": generation.finish_reason, "model_name": self.model.name}
-        if config.record_token_ids:
+        if config.policy.record_token_ids:
             metadata.update(
                 token_ids=generation.token_ids,
                 prompt_token_ids=generation.prompt_token_ids,

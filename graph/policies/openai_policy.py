@@ -32,18 +32,19 @@ class OpenAIPolicy:
 
     @classmethod
     def from_config(cls, config: Configuration) -> "OpenAIPolicy":
-        if not config.base_url:
+        policy, connection = config.policy, config.connection
+        if not policy.base_url:
             raise PolicyError(
                 "the openai policy needs an endpoint: pass --base-url http://HOST:PORT/v1 "
                 "(or set base_url in the configuration / ANOMALY_AGENT_BASE_URL)"
             )
         return cls(
             ChatClient(
-                base_url=config.base_url,
-                model=config.model,
-                api_key=config.api_key,
-                timeout_s=config.request_timeout_s,
-                max_retries=config.max_retries,
+                base_url=policy.base_url,
+                model=policy.model,
+                api_key=connection.api_key,
+                timeout_s=connection.timeout_s,
+                max_retries=connection.max_retries,
                 purpose="policy",
             )
         )
@@ -58,14 +59,14 @@ class OpenAIPolicy:
     def decide(self, state: AgentState, config: Configuration) -> AIMessage:
         params: dict[str, Any] = {
             "tools": tools_for_policy(),
-            "temperature": config.temperature,
-            "max_tokens": config.max_tokens,
+            "temperature": config.policy.temperature,
+            "max_tokens": config.policy.max_tokens,
         }
-        if config.stop_after_tool_call:
+        if config.policy.stop_after_tool_call:
             params["stop"] = [TOOL_CALL_CLOSE]
-        if config.temperature > 0:
+        if config.policy.temperature > 0:
             params["seed"] = turn_seed(state)
-        if config.record_token_ids:
+        if config.policy.record_token_ids:
             params["logprobs"] = True
             params["extra_body"] = {"return_token_ids": True}
         try:
@@ -79,7 +80,7 @@ class OpenAIPolicy:
         extra = message.model_extra or {}
         reasoning = extra.get("reasoning_content") or extra.get("reasoning")
         metadata: dict[str, Any] = {"finish_reason": choice.finish_reason, "model_name": completion.model}
-        if config.record_token_ids:
+        if config.policy.record_token_ids:
             metadata.update(_token_record(completion, choice))
         return parse_completion(message.content, message.tool_calls, reasoning=reasoning, metadata=metadata)
 

@@ -29,7 +29,7 @@ class ScriptedPolicy:
 
     def decide(self, state: AgentState, config: Configuration) -> AIMessage:
         calls = state.get("calls", [])
-        steps_left = config.max_steps - state.get("steps", 0)
+        steps_left = config.budget.max_steps - state.get("steps", 0)
         latest = _latest_image(state)
         last = calls[-1] if calls else None
 
@@ -57,7 +57,7 @@ class ScriptedPolicy:
             return _call("prompt_gen", {}, len(calls), "Write a fresh instruction.")
         if evaluation["passed"]:
             return _call("mask_gen", {"image": latest}, len(calls), f"Image {latest} passed; make its mask.")
-        if not retry_fits(state.get("steps", 0), state.get("image_gens", 0), config.max_steps, config.max_image_gens):
+        if not retry_fits(state.get("steps", 0), state.get("image_gens", 0), config.budget.max_steps, config.budget.max_image_gens):
             best = _best_image(state)
             return _call(
                 "mask_gen",
