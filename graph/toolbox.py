@@ -146,25 +146,25 @@ def get_toolbox(config: Configuration) -> Toolbox:
 
 
 @lru_cache(maxsize=8)
-def _build(tools: ToolSettings) -> Toolbox:
+def _build(settings: ToolSettings) -> Toolbox:
     prompt: PromptGenerator = TemplatePromptGenerator()
-    if tools.prompt_endpoint is not None:
+    if settings.prompt_endpoint is not None:
         from tools.prompt_gen_llm import LLMPromptGenerator
 
-        prompt = LLMPromptGenerator(tools.prompt_endpoint.client("PG"), temperature=tools.prompt.temperature)
-    judge_settings = tools.judge
+        prompt = LLMPromptGenerator(settings.prompt_endpoint.client("PG"), temperature=settings.prompt.temperature)
+    judge_settings = settings.judge
     judge: QualityJudge = MetricJudge(pass_location=judge_settings.pass_location, pass_quality=judge_settings.pass_quality)
-    if tools.judge_endpoint is not None:
+    if settings.judge_endpoint is not None:
         from tools.quality_eval_vlm import VLMJudge
 
-        judge = VLMJudge(tools.judge_endpoint.client("judge"), pass_location=judge_settings.pass_location,
+        judge = VLMJudge(settings.judge_endpoint.client("judge"), pass_location=judge_settings.pass_location,
                          pass_quality=judge_settings.pass_quality, attempts=judge_settings.attempts)
     return Toolbox(
         prompt=prompt,
-        image=_image_generator(tools.image, tools.connection, tools.device),
+        image=_image_generator(settings.image, settings.connection, settings.device),
         judge=judge,
-        knowledge=KnowledgeStore(tools.knowledge.path),
-        mask=_mask_generator(tools.mask, tools.device),
+        knowledge=KnowledgeStore(settings.knowledge.path),
+        mask=_mask_generator(settings.mask, settings.device),
     )
 
 
