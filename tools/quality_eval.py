@@ -64,6 +64,8 @@ MIN_AREA = 0.0004
 MIN_PIXELS = 24
 #: Visibility (change over the surface's own spread) at which a defect starts to show, and is plain.
 VISIBLE = (0.45, 0.95)
+#: The area (pixels, an 8x8 patch) at which visibility is read as measured; larger defects integrate it.
+REF_PIXELS = 64
 #: Noise ratio (inside over ring, relative to the normal image's) that passes: outside it a detector sees
 #: a denoised, blurred or foreign-noise patch.
 NOISE_BAND = (0.7, 1.45)
@@ -404,6 +406,9 @@ class MetricJudge:
         # Pixel contrast against the surface leads; the CNN's view adds texture masking (CNN features are
         # unit-normalised, so blind to a pure hue change: they only support, never veto).
         combined = vis if feat is None else 0.65 * vis + 0.35 * min(feat, vis + 0.5)
+        # Integrated over the defect, as a matched filter sees it: a faint change over many pixels shows,
+        # the same change on a speck does not.
+        combined *= float(np.clip(np.sqrt(d.get("area_px", REF_PIXELS) / REF_PIXELS), 0.5, 4.0))
         seen = _ramp(combined, *VISIBLE)
         if seen < 1.0:
             fixes = [Fix(attribute="contrast", value=step(CONTRASTS, spec.contrast, 1))]
