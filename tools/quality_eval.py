@@ -3,11 +3,12 @@
 Why metrics and not a model: offline on a CPU there is no VLM to ask, but the ways an edit fails are
 measurable. The judge finds what changed (the same change mask MG uses) and then asks:
 
-* location (0–5): is the change on the object, of a plausible size for the instruction's size word, in
-  the part of the object its position word names, and one defect rather than changes scattered over the
-  image?
+* location (0–5): is the change on the object, of a plausible size for the instruction's size word and
+  large enough for the image to resolve (`MIN_PIXELS`), in the part of the object its position word names,
+  and one defect rather than changes scattered over the image?
 * quality (0–5): does it stand out from the surface's own texture (pixel contrast against the local
-  texture, and the distance in ImageNet CNN features, `tools.features`), without garish colour or
+  texture, and the distance in ImageNet CNN features, `tools.features`, integrated over the defect's area
+  as a matched filter would: a faint change shows over many pixels, not on a speck), without garish colour or
   clipping, without a hard pasted seam, keeping the surface texture under it, and with nothing changed
   outside it? And is it free of the cues a detector would learn instead of the defect: sensor noise,
   blur or JPEG blocking inside that differ from around it, a flat inside, seam energy piled on its
