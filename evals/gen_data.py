@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 #: The agent is the first generator: its row is the headline.
 AGENT = GENERATORS[0]
+OPEN_LOOP = "open_loop"
 #: Default defect types of the sample categories (types the engine and the catalog know).
 DEFAULT_TYPES: dict[str, list[str]] = {
     "tile": ["crack", "oil", "rough"],
@@ -77,6 +78,7 @@ def generate(
     root: Path,
     seed: int,
     progress: bool = False,
+    paired_open_loop: bool = False,
 ) -> Generated:
     """One anomaly per (normal image, type), written under `root` in the MVTec layout.
 
@@ -95,6 +97,8 @@ def generate(
     started = time.perf_counter()
     if generator == AGENT:
         rows = _generate_agent(normals, category, types, root, seed, progress)
+    elif generator == OPEN_LOOP and paired_open_loop:
+        rows = _generate_agent(normals, category, types, root, seed, progress, image_attempts=1, label=OPEN_LOOP)
     else:
         rows = _generate_baseline(generator, normals, category, types, root, seed)
     seconds = time.perf_counter() - started
@@ -103,19 +107,31 @@ def generate(
 
 
 def _generate_agent(
-    normals: list[Item], category: str, types: list[str], root: Path, seed: int, progress: bool
+    normals: list[Item],
+    category: str,
+    types: list[str],
+    root: Path,
+    seed: int,
+    progress: bool,
+    image_attempts: int | None = None,
+    label: str = AGENT,
 ) -> list[tuple[str, str, str, str]]:
+    """The agent through the real batch path; with `image_attempts` 1, its first image of every run (the
+    same samples, seeds and instructions, no second attempt): the open loop paired with the agent."""
     from graph.batch import all_done_rows, plan, run_batch
 
     samples = plan([n.image for n in normals], category, types, 1, root, seed)
-    run_batch(samples, root, overrides={"seed": seed}, workers=1, resume=True, progress=progress)
+    overrides: dict[str, object] = {"seed": seed}
+    if image_attempts is not None:
+        overrides["max_image_gens"] = image_attempts
+    run_batch(samples, root, overrides=overrides, workers=1, resume=True, progress=progress)
     scores = {(r["category"], r["anomaly_type"], r["name"]): r.get("score") for r in all_done_rows(root)}
     rows = []
     for s in samples:
         if Path(s.anomaly_out).is_file():
             score = scores.get((s.category, s.anomaly_type, s.name))
-            label = f"agent {s.anomaly_type} {s.name}  QE {score if score is not None else '-'}"
-            rows.append((s.image, s.anomaly_out, s.mask_out, label))
+            text = f"{label} {s.anomaly_type} {s.name}  QE {score if score is not None else '-'}"
+            rows.append((s.image, s.anomaly_out, s.mask_out, text))
     return rows
 
 

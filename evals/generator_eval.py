@@ -63,6 +63,8 @@ class EvalConfig:
     inception_weights: str | None = None
     lpips_weights: str | None = None
     progress: bool = False
+    #: The open-loop row as the agent's own first image (same samples and seeds), not the baseline class.
+    paired_open_loop: bool = False
 
     @property
     def mode(self) -> str:
@@ -142,7 +144,8 @@ def generate_all(
             for name, cat in normals.items():
                 base = cat.train if split == "train" else cat.test[GOOD]
                 runs.append(
-                    generate(gen, base, name, types[name], root, cfg.seed + (0 if split == "train" else 7919))
+                    generate(gen, base, name, types[name], root, cfg.seed + (0 if split == "train" else 7919),
+                             paired_open_loop=cfg.paired_open_loop)
                 )
                 bar.update()
         out[gen] = {split: read_dataset(cfg.out / "data" / gen / split, list(normals)) for split in splits}

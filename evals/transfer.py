@@ -156,6 +156,7 @@ def summarize(cfg: TransferConfig, data, results: dict[str, list[dict[str, dict[
             "ap_std": p_sd,
             "per_seed_auroc": per_seed_auroc,
             "per_seed_ap": per_seed_ap,
+            "per_seed_generators_auroc": per_seed_gen,
             "generators_auroc": mean_std(per_seed_gen)[0],
             "generators_auroc_std": mean_std(per_seed_gen)[1],
             "sources": {
@@ -172,14 +173,17 @@ def summarize(cfg: TransferConfig, data, results: dict[str, list[dict[str, dict[
             "samples": samples,
             "samples_per_s": samples / max(sum(r.seconds for r in runs), 1e-9),
         }
-    gain = (
-        paired_difference(rows[AGENT]["per_seed_auroc"], rows[OPEN_LOOP]["per_seed_auroc"])
-        if AGENT in rows and OPEN_LOOP in rows
+    paired = AGENT in rows and OPEN_LOOP in rows
+    gain = paired_difference(rows[AGENT]["per_seed_auroc"], rows[OPEN_LOOP]["per_seed_auroc"]) if paired else None
+    gain_generators = (
+        paired_difference(rows[AGENT]["per_seed_generators_auroc"], rows[OPEN_LOOP]["per_seed_generators_auroc"])
+        if paired
         else None
     )
     others = {g: r for g, r in rows.items() if g not in ENGINE_ROWS}
     best = max(others, key=lambda g: others[g]["auroc"]) if others else None
-    return {"rows": rows, "agent_minus_open_loop": gain, "best_other": best}
+    return {"rows": rows, "agent_minus_open_loop": gain, "agent_minus_open_loop_generators": gain_generators,
+            "best_other": best}
 
 
 def run_transfer(cfg: TransferConfig) -> dict[str, Any]:

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
     parser.add_argument("--categories", help=f"comma-separated sample categories (default: {','.join(split.categories)})")
     parser.add_argument("--types", help="comma-separated defect types for every category (default: all of each category)")
-    parser.add_argument("--detector-seeds", dest="detector_seeds", type=int, default=3, help="detector seeds (default 3)")
+    seeds = TransferConfig.detector_seeds
+    parser.add_argument("--detector-seeds", dest="detector_seeds", type=int, default=seeds, help=f"detector seeds (default {seeds})")
     parser.add_argument("--seed", type=int, default=0, help="data seed (normals, generators)")
     parser.add_argument("--size", type=int, help=f"image side (default {split.size})")
     parser.add_argument("--train-normals", dest="train_normals", type=int,

@@ -154,7 +154,9 @@ def build(cfg: TransferConfig) -> TransferData:
         data_root / "normals", list(split.categories), split.train_normals, split.test_normals, split.size, cfg.seed
     )
     normals = read_dataset(data_root / "normals", list(split.categories))
-    eval_cfg = EvalConfig(out=cfg.out, generators=list(cfg.generators), seed=cfg.seed, progress=cfg.progress)
+    eval_cfg = EvalConfig(
+        out=cfg.out, generators=list(cfg.generators), seed=cfg.seed, progress=cfg.progress, paired_open_loop=True
+    )
     generated = generate_all(eval_cfg, normals, types)
     engine_root = data_root / ENGINE / "test"
     engine_runs = [

@@ -20,6 +20,8 @@ NOTES = (
     "engine and are not tested on each other's output); the engine rows also get `engine:F` sources, tested "
     "by a detector trained without family F. Rows therefore average over different source sets; "
     "agent and open_loop have the same set. The column 'other generators only' leaves the engine:F sources out.",
+    "open_loop is the agent's own first image of every run (the same samples, seeds and instructions through "
+    "the same batch path, one image attempt), so agent − open_loop is what the loop alone adds.",
     "samples/s = anomalies written / generation seconds in this run (train and test sets), loads included.",
     "Synthetic test sources, not real defects.",
 )
@@ -57,6 +59,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"agent − open_loop, image AUROC, paired over {gain['seeds']} detector seeds (same test sets): "
             f"{gain['mean']:+.4f} ± {_f(gain['se'])} (standard error; {_f(gain['z'])} standard errors)."
+        )
+    if gain_generators := report.get("agent_minus_open_loop_generators"):
+        lines.append(
+            f"The same on the other generators' sources only: {gain_generators['mean']:+.4f} ± "
+            f"{_f(gain_generators['se'])} ({_f(gain_generators['z'])} standard errors)."
         )
     if report.get("best_other"):
         lines.append(f"Best row other than agent and open_loop: {report['best_other']}.")

@@ -61,6 +61,35 @@ def test_tiny_run_writes_the_report_and_ends_with_the_summary_line(tiny_run):
     assert gain["seeds"] == 2 and gain["mean"] == pytest.approx(expected)
 
 
+def test_the_open_loop_is_the_agents_own_first_image_of_every_run(tiny_run):
+    """Same samples, seeds and first instruction; the open loop stops after one image, the agent may retry;
+    where the agent's first image passed, both rows hold the same pixels."""
+    out, _, report = tiny_run
+    first: dict[str, tuple[str, list[str]]] = {}
+    for gen in ("agent", "open_loop"):
+        for line in (out / "data" / gen / "train" / "trajectories.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            calls = [c["function"] for m in record["messages"] if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+            prompts = [json.loads(c["arguments"])["prompt"] for c in calls if c["name"] == "image_gen"]
+            key = f"{record['category']}/{record['anomaly_type']}/{record['id']}"
+            if gen == "agent":
+                first[key] = (record["seed"], prompts)
+            else:
+                assert len(prompts) == 1 and first[key] == (record["seed"], first[key][1])
+                assert prompts[0] == first[key][1][0], key
+    assert len(first) == 4
+    same = 0
+    for key, (_, prompts) in first.items():
+        category, anomaly_type, name = key.split("/")
+        images = [np.asarray(Image.open(out / "data" / g / "train" / category / "test" / anomaly_type / f"{name}.png"))
+                  for g in ("agent", "open_loop")]
+        same += len(prompts) == 1 and np.array_equal(*images)
+    assert same == sum(len(p) == 1 for _, p in first.values())
+    gain = report["agent_minus_open_loop_generators"]
+    assert gain["mean"] == pytest.approx(np.mean(np.subtract(
+        report["rows"]["agent"]["per_seed_generators_auroc"], report["rows"]["open_loop"]["per_seed_generators_auroc"])))
+
+
 def test_no_held_out_normal_is_trained_on(tiny_run):
     _, _, report = tiny_run
     splits = report["splits"]

@@ -11,7 +11,7 @@ from evals.synth import normal_for, synthesize
 from tools.features import feature_distance, feature_maps, load_backbone
 from tools.image_gen import ProceduralEngine
 from tools.prompt_gen import TemplatePromptGenerator
-from tools.quality_eval import MetricJudge
+from tools.quality_eval import MIN_PIXELS, MetricJudge
 from tools.types import Evaluation, EvaluationRequest, GenerationRequest
 from tools.vocabulary import SIZES, apply_fixes, parse_fixes, parse_instruction, render_instruction
 
@@ -32,8 +32,9 @@ def _request(syn) -> EvaluationRequest:
 def goods():
     """PG's instruction for each case, held at the knowledge entry's typical size and a medium contrast
     (PG's own draws span each type's whole range, barely visible specks included), drawn with the first
-    seed whose draw the bench's visibility oracle (not QE) calls visible: the engine samples a look within
-    each word's range, and a faint one is the loop's work, not a good edit."""
+    seed whose draw the bench's visibility oracle (not QE) calls visible and the image resolves (at least
+    `MIN_PIXELS`): the engine samples a look within each word's range, and a faint one or a speck is the
+    loop's work, not a good edit."""
     from tools.knowledge.catalog import load_catalog
     from tools.types import PromptRequest
 
@@ -49,7 +50,7 @@ def goods():
         ))
         for seed in range(40 + k, 40 + k + 100 * 10, 100):
             syn = synthesize(ENGINE, PG, category, anomaly_type, normal, seed=seed, prompt=prompt)
-            if bench_qe.visible(normal, syn.result.image, syn.result.region):
+            if bench_qe.visible(normal, syn.result.image, syn.result.region) and syn.result.region.sum() >= MIN_PIXELS:
                 break
         out.append(syn)
     return out

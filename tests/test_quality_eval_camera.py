@@ -13,7 +13,7 @@ from evals.synth import normal_for, synthesize
 from tools.image_gen import ProceduralEngine
 from tools.image_gen.camera import JpegSettings, jpeg_roundtrip
 from tools.prompt_gen import TemplatePromptGenerator
-from tools.quality_eval import BLOCK_BAND, FLAT_INTERIOR, NOISE_BAND, SEAM_ENERGY, MetricJudge
+from tools.quality_eval import BLOCK_BAND, FLAT_INTERIOR, MIN_PIXELS, NOISE_BAND, SEAM_ENERGY, MetricJudge
 from tools.types import EvaluationRequest
 from tools.vocabulary import apply_fixes, parse_fixes, parse_instruction, render_instruction
 
@@ -158,3 +158,25 @@ def test_size_is_judged_against_the_instructions_word_with_the_engines_ranges() 
     assert bad.details["area_vs_object"] > 0.025  # beyond "small"
     assert "Too large" not in fine.review
     assert "Too large" in bad.review and _fixes(bad)["size"] in ("tiny", "small", "medium")
+
+
+def test_a_defect_of_fewer_pixels_than_the_image_resolves_fails_and_asks_for_a_larger_word() -> None:
+    """A speck of a few pixels is no labelable defect at the image's resolution (a mask on it teaches a
+    detector to fire on normal texture): QE fails it and names the next size word; a defect of the same
+    look that covers enough pixels gets no size complaint."""
+    normal = normal_for("capsule", 0, size=SIZE, seed=3)
+    prompt = "Add one tiny dark stain with sharp edges, high contrast, in the center of the capsule."
+    for seed in range(20):
+        speck = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=seed, prompt=prompt)
+        if 0 < speck.result.region.sum() < MIN_PIXELS // 2:
+            break
+    else:
+        pytest.fail("the engine drew no speck for 'tiny' in 20 seeds")
+    small = EvaluationRequest(category="capsule", anomaly_type="poke", prompt=prompt)
+    bad = JUDGE.evaluate(normal, speck.result.image, small)
+    assert not bad.passed and "Too small for this resolution" in bad.review
+    assert _fixes(bad)["size"] == "small"
+    bigger = prompt.replace("tiny", "medium")
+    blot = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=seed, prompt=bigger)
+    fine = JUDGE.evaluate(normal, blot.result.image, EvaluationRequest(category="capsule", anomaly_type="poke", prompt=bigger))
+    assert blot.result.region.sum() >= MIN_PIXELS and "Too small" not in fine.review

@@ -3,11 +3,12 @@
 Why metrics and not a model: offline on a CPU there is no VLM to ask, but the ways an edit fails are
 measurable. The judge finds what changed (the same change mask MG uses) and then asks:
 
-* location (0–5): is the change on the object, of a plausible size for the instruction's size word, in
-  the part of the object its position word names, and one defect rather than changes scattered over the
-  image?
+* location (0–5): is the change on the object, of a plausible size for the instruction's size word and
+  large enough for the image to resolve (`MIN_PIXELS`), in the part of the object its position word names,
+  and one defect rather than changes scattered over the image?
 * quality (0–5): does it stand out from the surface's own texture (pixel contrast against the local
-  texture, and the distance in ImageNet CNN features, `tools.features`), without garish colour or
+  texture, and the distance in ImageNet CNN features, `tools.features`, integrated over the defect's area
+  as a matched filter would: a faint change shows over many pixels, not on a speck), without garish colour or
   clipping, without a hard pasted seam, keeping the surface texture under it, and with nothing changed
   outside it? And is it free of the cues a detector would learn instead of the defect: sensor noise,
   blur or JPEG blocking inside that differ from around it, a flat inside, seam energy piled on its
@@ -59,6 +60,13 @@ _MAX_AREA = {word: max(area, SIZE_RANGE[word][1] ** 2)
 _MAX_EXTENT = {"tiny": 0.25, "small": 0.35, "medium": 0.45, "large": 0.6}
 #: Smallest area that reads as a defect at inspection scale, relative to the object.
 MIN_AREA = 0.0004
+#: Smallest area in pixels that the image resolves as a defect (about a 5-pixel disc): fewer pixels are
+#: a speck no inspector could label, and a mask on them teaches a detector to fire on normal texture.
+MIN_PIXELS = 24
+#: Visibility (change over the surface's own spread) at which a defect starts to show, and is plain.
+VISIBLE = (0.45, 0.95)
+#: The area (pixels, an 8x8 patch) at which visibility is read as measured; larger defects integrate it.
+REF_PIXELS = 64
 #: Noise ratio (inside over ring, relative to the normal image's) that passes: outside it a detector sees
 #: a denoised, blurred or foreign-noise patch.
 NOISE_BAND = (0.7, 1.45)
@@ -247,6 +255,7 @@ class MetricJudge:
         fg_area = float(max(fg.sum(), 1))
         ys, xs = np.nonzero(defect)
         d["area_vs_object"] = area / fg_area
+        d["area_px"] = area
         d["extent_vs_object"] = float(max(np.ptp(ys), np.ptp(xs)) + 1) / facts["diameter"]
         d["on_object"] = float((defect & facts["fg_near"]).sum() / area)
         d["edge_distance"] = float(np.median(facts["depth"][defect]) / facts["diameter"])
@@ -375,6 +384,9 @@ class MetricJudge:
             out.append(_Finding("location", 4.0 * _ramp(over, 1.0, 2.0) + 0.5,
                                 f"Too large: the defect covers {100 * d['area_vs_object']:.0f}% of the object.",
                                 [Fix(attribute="size", value=step(SIZES, size, steps))]))
+        elif d.get("area_px", MIN_PIXELS) < MIN_PIXELS:
+            out.append(_Finding("location", 2.5, f"Too small for this resolution: the defect covers {d['area_px']:.0f} pixels.",
+                                [Fix(attribute="size", value=step(SIZES, spec.size, 1))]))
         elif d["area_vs_object"] < MIN_AREA:
             out.append(_Finding("location", 1.5, "Too small to see at inspection scale.",
                                 [Fix(attribute="size", value=step(SIZES, spec.size, 1))]))
@@ -395,7 +407,10 @@ class MetricJudge:
         # Pixel contrast against the surface leads; the CNN's view adds texture masking (CNN features are
         # unit-normalised, so blind to a pure hue change: they only support, never veto).
         combined = vis if feat is None else 0.65 * vis + 0.35 * min(feat, vis + 0.5)
-        seen = _ramp(combined, 0.45, 0.95)
+        # Integrated over the defect, as a matched filter sees it: a faint change over many pixels shows,
+        # the same change on a speck does not.
+        combined *= float(np.clip(np.sqrt(d.get("area_px", REF_PIXELS) / REF_PIXELS), 0.5, 4.0))
+        seen = _ramp(combined, *VISIBLE)
         if seen < 1.0:
             fixes = [Fix(attribute="contrast", value=step(CONTRASTS, spec.contrast, 1))]
             if spec.contrast == "high" or d["area_vs_object"] < 4 * MIN_AREA:
