@@ -3,6 +3,8 @@
 Why these splits:
 * Training normals and held-out normals are different images (`tools.samples` variants); every test
   anomaly is drawn on a held-out normal, so no test image, normal or anomalous, was seen in training.
+  Generators draw on the first few normals of each split (`SplitConfig.bases`); the detectors train on
+  every training normal and are tested on every held-out one.
 * Each generator draws its training anomalies on the training normals and its test anomalies on the
   held-out normals (`evals.generator_eval.generate_all`, the agent through the real batch path).
 * Leave-one-family-out: the engine draws every type once more on the held-out normals with a seed
@@ -150,18 +152,23 @@ def build(cfg: TransferConfig) -> TransferData:
     types = category_types(cfg)
     families = type_families(types)
     data_root = cfg.out / "data"
+    train_bases, test_bases = split.bases()
     write_sample_normals(
-        data_root / "normals", list(split.categories), split.train_normals, split.test_normals, split.size, cfg.seed
+        data_root / "normals", list(split.categories), train_bases, test_bases, split.size, cfg.seed,
+        extra_train=split.train_normals - train_bases, extra_test=split.test_normals - test_bases,
     )
     normals = read_dataset(data_root / "normals", list(split.categories))
+    bases = {
+        c: Category(c, cat.train[:train_bases], {GOOD: cat.test[GOOD][:test_bases]}) for c, cat in normals.items()
+    }
     eval_cfg = EvalConfig(
         out=cfg.out, generators=list(cfg.generators), seed=cfg.seed, progress=cfg.progress, paired_open_loop=True
     )
-    generated = generate_all(eval_cfg, normals, types)
+    generated = generate_all(eval_cfg, bases, types)
     engine_root = data_root / ENGINE / "test"
     engine_runs = [
         generate("open_loop", cat.test[GOOD], name, types[name], engine_root, cfg.seed + ENGINE_SEED_OFFSET)
-        for name, cat in normals.items()
+        for name, cat in bases.items()
     ]
     engine = read_dataset(engine_root, list(normals))
 

@@ -22,6 +22,8 @@ NOTES = (
     "agent and open_loop have the same set. The column 'other generators only' leaves the engine:F sources out.",
     "open_loop is the agent's own first image of every run (the same samples, seeds and instructions through "
     "the same batch path, one image attempt), so agent − open_loop is what the loop alone adds.",
+    "Detector: a small head on frozen ImageNet features (EfficientNet-Lite0, strides 4 and 8) unless the config "
+    "says backbone '' (a UNet from scratch); the same for every row. Each anomaly crop holds part of its defect.",
     "samples/s = anomalies written / generation seconds in this run (train and test sets), loads included.",
     "Synthetic test sources, not real defects.",
 )

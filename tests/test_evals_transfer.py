@@ -217,7 +217,8 @@ def test_third_party_generator_is_seeded_and_leaves_global_random_state_alone():
     assert a.mask.any() and not np.array_equal(a.image[a.mask], image[a.mask])
 
 
-def test_detector_training_is_reproducible_per_seed_and_scores_every_image():
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", ""])
+def test_detector_training_is_reproducible_per_seed_and_scores_every_image(backbone: str):
     from evals.transfer_detector import score, train_detector
     from tools.samples import sample_image
 
@@ -227,7 +228,69 @@ def test_detector_training_is_reproducible_per_seed_and_scores_every_image():
     for a, m in zip(anomalies, masks, strict=True):
         a[8:16, 8:16] = 255
         m[8:16, 8:16] = True
-    cfg = DetectorConfig(unet_base=2, unet_depth=2, steps=2, batch=4, crop=32)
+    cfg = DetectorConfig(backbone=backbone, unet_base=2, unet_depth=2, steps=2, batch=4, crop=32)
     s1 = score(train_detector(normals, anomalies, masks, cfg, seed=1), normals + anomalies, cfg.pool)
     s2 = score(train_detector(normals, anomalies, masks, cfg, seed=1), normals + anomalies, cfg.pool)
     assert s1.shape == (4,) and np.array_equal(s1, s2)
+
+
+def test_an_anomaly_crop_always_holds_part_of_its_defect_and_a_uniform_one_may_not():
+    from evals.transfer_detector import augment
+
+    image = np.zeros((128, 128, 3), np.uint8)
+    mask = np.zeros((128, 128), bool)
+    mask[2:5, 120:124] = True  # a speck in a corner
+    rng = np.random.default_rng(0)
+    on = DetectorConfig(crop=32, jpeg_prob=0.0)
+    off = DetectorConfig(crop=32, jpeg_prob=0.0, crop_on_defect=False)
+    assert all(augment(image, mask, on, rng)[1].any() for _ in range(200))
+    assert sum(augment(image, mask, off, rng)[1].any() for _ in range(200)) < 100
+    # A normal (empty mask) still gets a uniform crop of the configured size.
+    assert augment(image, np.zeros_like(mask), on, rng)[0].shape == (32, 32, 3)
+
+
+def test_more_normals_never_change_the_first_ones(tmp_path: Path):
+    from evals.gen_data import write_sample_normals
+
+    write_sample_normals(tmp_path / "a", ["tile"], 2, 2, 32, 0)
+    write_sample_normals(tmp_path / "b", ["tile"], 2, 2, 32, 0, extra_train=2, extra_test=1)
+    for split, n in (("train", 4), ("test", 3)):
+        first = sorted((tmp_path / "a" / "tile" / split / "good").glob("*.png"))
+        more = sorted((tmp_path / "b" / "tile" / split / "good").glob("*.png"))
+        assert len(first) == 2 and len(more) == n
+        assert [p.read_bytes() for p in first] == [p.read_bytes() for p in more[:2]]
+    train = {p.read_bytes() for p in (tmp_path / "b" / "tile" / "train" / "good").glob("*.png")}
+    assert not train & {p.read_bytes() for p in (tmp_path / "b" / "tile" / "test" / "good").glob("*.png")}
+
+
+def test_a_detector_on_frozen_features_finds_held_out_defects_like_the_ones_it_trained_on():
+    from evals.transfer_detector import score, train_detector
+    from tools.samples import sample_image
+
+    def blotted(images: list[np.ndarray], rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        out, masks = [], []
+        for im in images:
+            y, x = rng.integers(8, 48, 2)
+            a, m = im.copy(), np.zeros(im.shape[:2], bool)
+            m[y : y + 10, x : x + 10] = True
+            a[m] = 20
+            out.append(a)
+            masks.append(m)
+        return out, masks
+
+    rng = np.random.default_rng(0)
+    normals = [sample_image("tile", i, 64) for i in range(6)]
+    held_out = [sample_image("tile", i, 64) for i in range(6, 12)]
+    anomalies, masks = blotted(normals, rng)
+    tests, _ = blotted(held_out, rng)
+    cfg = DetectorConfig(steps=60, batch=8, crop=32, jpeg_prob=0.0)  # untrained, the head scores about 0.5
+    model = train_detector(normals, anomalies, masks, cfg, seed=0)
+    scores = score(model, held_out + tests, cfg.pool)
+    assert category_metrics(scores[:6], scores[6:])["auroc"] >= 0.9
+
+
+def test_an_unknown_detector_backbone_is_refused():
+    from evals.transfer_detector import build_detector
+
+    with pytest.raises(ValueError, match="unknown detector backbone 'resnet'"):
+        build_detector(DetectorConfig(backbone="resnet"))
