@@ -52,8 +52,11 @@ def test_tiny_run_writes_the_report_and_ends_with_the_summary_line(tiny_run):
         assert (out / name).is_file(), name
     assert list(report["rows"]) == list(ROWS)
     assert all(len(r["per_seed_auroc"]) == 2 for r in report["rows"].values())
-    # Rows without engine:F sources average over the same sources in both AUROC columns.
-    assert report["rows"]["draem"]["generators_auroc"] == pytest.approx(report["rows"]["draem"]["auroc"])
+    # The 'other generators only' column is the mean over the sources that are not engine:F sets.
+    draem = report["per_seed"]["draem"][0]
+    assert report["rows"]["draem"]["per_seed_generators_auroc"][0] == pytest.approx(
+        np.mean([m["auroc"] for k, m in draem.items() if not k.startswith("engine:")])
+    )
     md = (out / "report.md").read_text()
     assert "agent − open_loop" in md and "per held-out source" in md
     gain = report["agent_minus_open_loop"]
@@ -116,9 +119,10 @@ def test_no_generator_is_tested_on_its_own_output_or_its_engine_twin(tiny_run):
             assert set(seed) == sources
     assert "open_loop" not in report["rows"]["agent"]["sources"]
     assert "agent" not in report["rows"]["open_loop"]["sources"]
-    lofo = {lofo_source("line"), lofo_source("blob")}
-    assert lofo <= set(report["rows"]["agent"]["sources"]) and lofo <= set(report["rows"]["open_loop"]["sources"])
-    assert not lofo & set(report["rows"]["draem"]["sources"])
+    # Every engine:F set that kept a resolvable defect tests every row.
+    lofo = {s for s in report["splits"]["test_sources"] if s.startswith("engine:")}
+    assert lofo and lofo <= {lofo_source("line"), lofo_source("blob")}
+    assert all(lofo <= set(row["sources"]) for row in report["rows"].values())
 
 
 def test_every_test_image_is_also_stored_as_jpeg(tiny_run):
@@ -148,7 +152,7 @@ def _data(families: dict[str, str]) -> TransferData:
         train_normals={"tile": [Item(Path("n0.png")), Item(Path("n1.png"))]},
         test_normals={"tile": [Item(Path("t0.png"))]},
         train=train,
-        test={},
+        test={s: {"tile": [Item(Path(f"{s}.png"))]} for s in (*ROWS, *(lofo_source(f) for f in families.values()))},
         families={"tile": families},
     )
 
@@ -162,7 +166,9 @@ def test_leave_one_family_out_trains_without_the_family_and_tests_on_it():
     plan = held_out_sources("agent", data, ROWS)
     assert plan == {"draem": None, "cutpaste_scar": None, "defect_synthesis": None,
                     "engine:blob": "blob", "engine:line": "line"}
-    assert held_out_sources("draem", data, ROWS) == {g: None for g in ROWS if g != "draem"}
+    assert held_out_sources("draem", data, ROWS) == {
+        **{g: None for g in ROWS if g != "draem"}, "engine:blob": None, "engine:line": None
+    }
 
 
 def test_leaving_out_the_only_family_is_refused():
@@ -294,3 +300,16 @@ def test_an_unknown_detector_backbone_is_refused():
 
     with pytest.raises(ValueError, match="unknown detector backbone 'resnet'"):
         build_detector(DetectorConfig(backbone="resnet"))
+
+
+def test_a_test_source_keeps_only_defects_the_image_resolves(tmp_path: Path):
+    from evals.transfer_data import resolvable
+    from tools.quality_eval import MIN_PIXELS
+
+    items = []
+    for n in (MIN_PIXELS - 1, MIN_PIXELS, 200):
+        mask = np.zeros((32, 32), np.uint8)
+        mask.flat[:n] = 255
+        Image.fromarray(mask).save(tmp_path / f"{n}.png")
+        items.append(Item(tmp_path / f"{n}_image.png", tmp_path / f"{n}.png"))
+    assert [i.mask.name for i in resolvable(items)] == [f"{MIN_PIXELS}.png", "200.png"]
