@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tools.image_gen import ProceduralEngine
-from tools.image_gen.appearance import CONTRAST_RANGE, SIZE_RANGE, disturb_texture, sample_look
+from tools.image_gen.appearance import CONTRAST_RANGE, SIZE_RANGE, WIDTH_RANGE, disturb_texture, sample_look
 from tools.image_gen.camera import (
     blockiness_ratio,
     estimate_noise,
@@ -49,6 +49,39 @@ def test_a_word_narrows_its_range_and_no_word_leaves_the_broad_one() -> None:
     assert sizes.min() < SIZE_RANGE["tiny"][1] and sizes.max() > SIZE_RANGE["large"][0]
     assert np.percentile(sizes, 95) / np.percentile(sizes, 5) >= 10  # two decades of area
     assert np.percentile(contrasts, 5) < 15 and contrasts.max() > CONTRAST_RANGE["high"][0]
+
+
+def test_a_large_line_is_broad_as_well_as_long_and_a_tiny_one_thin() -> None:
+    def widths(size: str) -> np.ndarray:
+        spec = parse_instruction(f"Add one {size} scratch")
+        return np.array([sample_look(spec, np.random.default_rng(s), is_texture=False).width_frac for s in range(200)])
+
+    tiny, large = widths("tiny"), widths("large")
+    assert np.median(large) > 2 * np.median(tiny)
+    assert large.max() > 0.8 * WIDTH_RANGE[1] and tiny.min() < 1.5 * WIDTH_RANGE[0]
+
+
+def test_the_line_renderer_draws_a_large_scratch_as_broad_as_its_look_asks() -> None:
+    img = sample_image("capsule", 1)
+    prompt = "Add one large light scratch with sharp edges, high contrast"
+    ratios = []
+    for seed in range(12):
+        d = _gen(img, prompt, "capsule", "scratch", seed).info["defects"][0]
+        ratios.append(d["width_px"] / d["length_px"])
+    # Some are broad gouges, their width near a tenth of their length (not held to a hairline's share).
+    assert max(ratios) >= 0.09
+
+
+def test_a_tiny_flip_is_a_few_pixels_and_a_large_one_a_large_share_of_the_part() -> None:
+    img = sample_image("metal_nut", 1)
+
+    def areas(size: str) -> list[int]:
+        prompt = f"Add one {size} gray flip with sharp edges"
+        return [int(_gen(img, prompt, "metal_nut", "flip", s).region.sum()) for s in range(8)]
+
+    tiny, large = areas("tiny"), areas("large")
+    assert min(tiny) > 0 and np.median(tiny) <= 20
+    assert max(large) >= 100 * np.median(tiny)
 
 
 def test_for_one_seed_a_stronger_word_gives_a_stronger_defect_and_nothing_else_moves() -> None:

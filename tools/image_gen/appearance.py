@@ -47,7 +47,7 @@ SURFACE_FLOOR: dict[str, float] = {"low": 0.0, "medium": 1.2, "high": 1.55}
 #: Modulation depth of the interior per interior word.
 INTERIOR_RANGE: dict[str, tuple[float, float]] = {"uniform": (0.05, 0.15), "mottled": (0.15, 0.35), "textured": (0.3, 0.6)}
 #: Line width as a fraction of the line's extent (log-uniform).
-WIDTH_RANGE = (0.02, 0.2)
+WIDTH_RANGE = (0.02, 0.25)
 #: Interior texture sources.
 INTERIOR_KINDS = ("fractal", "material", "displaced")
 #: Local texture-statistics disturbances drawn on texture surfaces (weave or grain distortion, local
@@ -100,7 +100,7 @@ def sample_look(spec: DefectSpec, rng: np.random.Generator, *, is_texture: bool,
 
     Each attribute uses one uniform draw in a fixed order, so two specs that differ only in one word get
     the same quantile of every range: "high contrast" is then stronger than "low contrast" for the same
-    seed, and nothing else moves.
+    seed, and nothing else moves (a size word also moves a line's width, which follows the extent).
 
     Args:
         spec: The parsed instruction (words in `spec.unstated` give way to the broad distribution).
@@ -115,11 +115,15 @@ def sample_look(spec: DefectSpec, rng: np.random.Generator, *, is_texture: bool,
     soft = _word_range(SOFTNESS_RANGE, None if "softness" in unstated else spec.softness)
     ragged = _word_range(OUTLINE_RANGE, spec.outline)
     interior = _word_range(INTERIOR_RANGE, spec.interior)
+    extent_frac = _log_uniform(*size, u[0])
+    # Where the extent lies in the type's whole size range (0: the smallest speck, 1: the largest).
+    lo, hi = _word_range(SIZE_RANGE, None)
+    size_q = float(np.clip(np.log(extent_frac / lo) / np.log(hi / lo), 0.0, 1.0))
     return Look(
-        extent_frac=_log_uniform(*size, u[0]),
+        extent_frac=extent_frac,
         # Bigger lines tend to be broader too (a gouge, not a longer hairline): the width's quantile leans
-        # on the size's.
-        width_frac=_log_uniform(*WIDTH_RANGE, 0.5 * (u[0] + u[1])),
+        # on the extent's place in the whole size range, so a large line is long and broad, a tiny one thin.
+        width_frac=_log_uniform(*WIDTH_RANGE, 0.75 * size_q + 0.25 * u[1]),
         contrast=_log_uniform(*contrast, u[2]) * strength,
         surface_floor=0.0 if "contrast" in unstated else SURFACE_FLOOR.get(spec.contrast, 0.0) * strength,
         softness_frac=float(soft[0] + (soft[1] - soft[0]) * u[3]),

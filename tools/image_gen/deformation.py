@@ -101,7 +101,9 @@ def render_deformation(canvas: Canvas, spec: DefectSpec, rng: np.random.Generato
         strip it left).
     """
     shape = spec.shape if spec.shape in ("bent", "squeeze", "fold", "misplaced", "flip") else "bent"
-    radius = max(2.0, canvas.extent(spec.size, rng) / 2.0 * 1.2)
+    # A moved or turned block keeps its pixels' own edges, so it may be as small as a speck; a bend or a
+    # pinch is seen through its shading, which spreads over a couple of pixels.
+    radius = max(1.0 if shape in ("misplaced", "flip") else 2.0, canvas.extent(spec.size, rng) / 2.0 * 1.2)
     at_outline = None
     if shape in ("bent", "squeeze"):
         # Bent and squeezed parts are most often at the outline (a tab, an end, a pin); go there when the

@@ -134,8 +134,9 @@ def render_line(canvas: Canvas, spec: DefectSpec, rng: np.random.Generator) -> S
     length = style[0] * extent
     width = base_width(canvas, spec.size) * style[5]
     if canvas.look is not None:
-        # The look's width: from a hairline to a broad gouge, relative to the line's extent.
-        width = float(np.clip(canvas.look.width_frac * extent * style[5], 1.0, 0.05 * length * style[5] + 1.0))
+        # The look's width: from a hairline to a broad gouge, relative to the line's extent; a line stays
+        # at most an eighth as broad as it is long.
+        width = float(np.clip(canvas.look.width_frac * extent * style[5], 1.0, 0.125 * length + 1.0))
     if shape in ("print", "stroke"):
         width = max(2.5 if canvas.look is not None else 4.0, 0.28 * extent)
     pts, heading = _place_path(canvas, rng, length, width, style)
