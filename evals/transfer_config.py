@@ -89,9 +89,9 @@ class TransferConfig:
 
     out: Path
     generators: tuple[str, ...] = ROWS
-    #: Five, not three: one seed's detector moves a row by up to 0.05, so three leave the paired gain's error as
-    #: large as the gains worth finding.
-    detector_seeds: int = 5
+    #: Ten: one seed's detector moves a row by a few hundredths, as much as the gains worth finding, and a
+    #: detector on frozen features costs seconds.
+    detector_seeds: int = 10
     seed: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
