@@ -27,15 +27,17 @@ from evals.transfer_config import DetectorConfig
 #: Frozen feature maps of the last inputs scored, by the bytes of the input batch: every detector scores the
 #: same test images in the same batches, and the backbone never changes.
 _FEATURES: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-_FEATURES_LIMIT = 512
+_FEATURES_LIMIT = 256
 
 
 def backbone_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """EfficientNet-Lite0's ImageNet features of a [-1, 1] batch at strides 4 and 8 (24 and 40 channels)."""
     from tools.features import load_backbone
 
-    key = hashlib.sha1(x.numpy().tobytes()).digest() + bytes(str(tuple(x.shape)), "ascii") if not x.requires_grad else b""
-    if key and key in _FEATURES:
+    # Only scoring (inference mode) is cached: training crops never repeat, and inference tensors cannot
+    # enter a graph that is differentiated.
+    key = hashlib.sha1(x.numpy().tobytes()).digest() + str(tuple(x.shape)).encode() if torch.is_inference_mode_enabled() else b""
+    if key in _FEATURES:
         return _FEATURES[key]
     m = load_backbone()
     with torch.no_grad():
@@ -45,7 +47,7 @@ def backbone_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             h = block(h)
             if i in (2, 4):
                 outs.append(h)
-    if key and torch.is_inference_mode_enabled():
+    if key:
         if len(_FEATURES) >= _FEATURES_LIMIT:
             _FEATURES.clear()
         _FEATURES[key] = (outs[0], outs[1])
