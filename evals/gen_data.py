@@ -51,18 +51,31 @@ class Generated:
 
 
 def write_sample_normals(
-    root: Path, categories: list[str], train: int, test: int, size: int, seed: int
+    root: Path,
+    categories: list[str],
+    train: int,
+    test: int,
+    size: int,
+    seed: int,
+    extra_train: int = 0,
+    extra_test: int = 0,
 ) -> None:
     """Normal images from `tools.samples` in the MVTec layout: `train` in train/good, `test` in test/good.
 
     Train and test images are different variants (indices), so no test normal was seen in training.
+    `extra_train` and `extra_test` more of each follow under the next numbers, drawn from variants after all
+    of the first ones: adding them never changes the first `train` and `test` images.
     """
     from tools.samples import sample_image
 
+    variants = {
+        "train": [*range(train), *range(train + test, train + test + extra_train)],
+        "test": [*range(train, train + test), *range(train + test + extra_train, train + test + extra_train + extra_test)],
+    }
     for category in categories:
-        for i in range(train + test):
-            split, number = ("train", i) if i < train else ("test", i - train)
-            write_normal(root, category, split, number, sample_image(category, i, size=size, seed=seed))
+        for split, indices in variants.items():
+            for number, i in enumerate(indices):
+                write_normal(root, category, split, number, sample_image(category, i, size=size, seed=seed))
 
 
 def sample_seed(seed: int, generator: str, category: str, anomaly_type: str, number: int) -> int:

@@ -3,8 +3,9 @@
 For every row G and detector seed: a small fully convolutional detector (`evals.transfer_detector`) trains
 on the training normals plus G's training anomalies, then is tested on each held-out source
 (`evals.transfer_data.held_out_sources`): every other generator's anomalies on held-out normals (the
-agent and the open loop share an engine, so neither is tested on the other's), and for those two engine
-rows one more detector per engine family F, trained without F and tested on the engine's family-F defects.
+agent and the open loop share an engine, so neither is tested on the other's) and the engine's family-F
+defects for every family F; the two engine rows are tested on those by one more detector per family,
+trained without F. Every test anomaly covers at least QE's resolution floor.
 Per source and category: image AUROC and AP of the held-out normals against the source's anomalies, every
 image in every stored format (PNG, JPEG); per source: the mean over categories; per row and seed: the
 mean over sources; per row: mean and standard deviation over seeds. The agent's gain over the open loop

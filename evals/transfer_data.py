@@ -3,11 +3,16 @@
 Why these splits:
 * Training normals and held-out normals are different images (`tools.samples` variants); every test
   anomaly is drawn on a held-out normal, so no test image, normal or anomalous, was seen in training.
+  Generators draw on the first few normals of each split (`SplitConfig.bases`); the detectors train on
+  every training normal and are tested on every held-out one.
 * Each generator draws its training anomalies on the training normals and its test anomalies on the
   held-out normals (`evals.generator_eval.generate_all`, the agent through the real batch path).
 * Leave-one-family-out: the engine draws every type once more on the held-out normals with a seed
   stream of its own (PG template + IG, once: what the engine makes, not what a row trained on); test
-  source `engine:F` is its family-F part. Agent and open loop are both tested on exactly these sets.
+  source `engine:F` is its family-F part. Every row is tested on exactly these sets (the engine rows by a
+  detector trained without family F).
+* A test anomaly covers at least QE's resolution floor (`resolvable`): a speck of a few pixels is no
+  defect at this resolution, for any generator.
 * A camera stores images as PNG or JPEG: every test image is kept as PNG and as JPEG at usual
   qualities, and all copies are scored, so compression separates nothing.
 """
@@ -133,8 +138,8 @@ def _store_copies(items: list[Item], folder: Path, formats: list[str]) -> dict[s
     return out
 
 
-def _by_type(cat: Category, types: list[str]) -> dict[str, list[Item]]:
-    return {t: list(cat.test.get(t, [])) for t in types}
+def _by_type(cat: Category, types: list[str], keep=list) -> dict[str, list[Item]]:
+    return {t: keep(list(cat.test.get(t, []))) for t in types}
 
 
 def build(cfg: TransferConfig) -> TransferData:
@@ -150,18 +155,23 @@ def build(cfg: TransferConfig) -> TransferData:
     types = category_types(cfg)
     families = type_families(types)
     data_root = cfg.out / "data"
+    train_bases, test_bases = split.bases()
     write_sample_normals(
-        data_root / "normals", list(split.categories), split.train_normals, split.test_normals, split.size, cfg.seed
+        data_root / "normals", list(split.categories), train_bases, test_bases, split.size, cfg.seed,
+        extra_train=split.train_normals - train_bases, extra_test=split.test_normals - test_bases,
     )
     normals = read_dataset(data_root / "normals", list(split.categories))
+    bases = {
+        c: Category(c, cat.train[:train_bases], {GOOD: cat.test[GOOD][:test_bases]}) for c, cat in normals.items()
+    }
     eval_cfg = EvalConfig(
         out=cfg.out, generators=list(cfg.generators), seed=cfg.seed, progress=cfg.progress, paired_open_loop=True
     )
-    generated = generate_all(eval_cfg, normals, types)
+    generated = generate_all(eval_cfg, bases, types)
     engine_root = data_root / ENGINE / "test"
     engine_runs = [
         generate("open_loop", cat.test[GOOD], name, types[name], engine_root, cfg.seed + ENGINE_SEED_OFFSET)
-        for name, cat in normals.items()
+        for name, cat in bases.items()
     ]
     engine = read_dataset(engine_root, list(normals))
 
@@ -172,12 +182,12 @@ def build(cfg: TransferConfig) -> TransferData:
         for c in normals:
             if not any(train[gen][c].values()):
                 raise EvalError(f"{gen} wrote no training anomalies for {c}; see the log")
-            if chosen := spread_over_types(_by_type(generated[gen]["test"][c], types[c]), split.test_anomalies):
+            if chosen := spread_over_types(_by_type(generated[gen]["test"][c], types[c], resolvable), split.test_anomalies):
                 test[gen][c] = chosen
     for family in sorted({f for by_type in families.values() for f in by_type.values()}):
         for c in normals:
             members = [t for t in types[c] if families[c][t] == family]
-            if members and (chosen := spread_over_types(_by_type(engine[c], members), split.test_anomalies)):
+            if members and (chosen := spread_over_types(_by_type(engine[c], members, resolvable), split.test_anomalies)):
                 test[lofo_source(family)][c] = chosen
 
     formats = camera_formats(split.jpeg_qualities)
@@ -202,17 +212,28 @@ def build(cfg: TransferConfig) -> TransferData:
 def held_out_sources(generator: str, data: TransferData, generators: tuple[str, ...]) -> dict[str, str | None]:
     """{test source: family left out of training (None: the full training set)} for one row.
 
-    Every other generator's output, except that the engine rows are not tested on each other's; the
-    engine rows add one `engine:F` source per family F, tested by a detector trained without family F.
+    Every source the row did not make: every other generator's output (the engine rows are not tested on
+    each other's) and the engine's family sets `engine:F`. An engine row made family F's kind of defect, so
+    it is tested on `engine:F` by a detector trained without family F; any other row by its one detector.
+    A source with no test anomaly (every one under the resolution floor) is left out.
     """
     from evals.transfer_config import ENGINE_ROWS
 
     sources: dict[str, str | None] = {
         g: None for g in generators if g != generator and not {g, generator} <= ENGINE_ROWS
     }
-    if generator in ENGINE_ROWS:
-        sources.update({lofo_source(f): f for f in data.family_names()})
-    return sources
+    engine_row = generator in ENGINE_ROWS
+    sources.update({lofo_source(f): f if engine_row else None for f in data.family_names()})
+    return {s: f for s, f in sources.items() if data.test.get(s)}
+
+
+def resolvable(items: list[Item]) -> list[Item]:
+    """The anomalies whose mask covers at least `MIN_PIXELS` pixels, the least a defect needs to be seen at
+    the image's resolution (QE's own floor); smaller ones test no detector and no generator."""
+    from tools.imaging import load_mask
+    from tools.quality_eval import MIN_PIXELS
+
+    return [i for i in items if i.mask is not None and int(load_mask(i.mask).sum()) >= MIN_PIXELS]
 
 
 def training_items(

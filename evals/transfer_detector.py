@@ -8,22 +8,105 @@ step keeps the detector's prior the same for every row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from evals.detectors import UNet
 from evals.protocols import _seg_loss, image_scores, to_tensor
 from evals.transfer_config import DetectorConfig
 
 
+#: Frozen feature maps of the last inputs scored, by the bytes of the input batch: every detector scores the
+#: same test images in the same batches, and the backbone never changes.
+_FEATURES: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+_FEATURES_LIMIT = 256
+
+
+def backbone_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """EfficientNet-Lite0's ImageNet features of a [-1, 1] batch at strides 4 and 8 (24 and 40 channels)."""
+    from tools.features import load_backbone
+
+    # Only scoring (inference mode) is cached: training crops never repeat, and inference tensors cannot
+    # enter a graph that is differentiated.
+    key = hashlib.sha1(x.numpy().tobytes()).digest() + str(tuple(x.shape)).encode() if torch.is_inference_mode_enabled() else b""
+    if key in _FEATURES:
+        return _FEATURES[key]
+    m = load_backbone()
+    with torch.no_grad():
+        h = m._swish(m._bn0(m._conv_stem(x * (127.5 / 128.0))))
+        outs = []
+        for i, block in enumerate(m._blocks[:5]):
+            h = block(h)
+            if i in (2, 4):
+                outs.append(h)
+    if key:
+        if len(_FEATURES) >= _FEATURES_LIMIT:
+            _FEATURES.clear()
+        _FEATURES[key] = (outs[0], outs[1])
+    return outs[0], outs[1]
+
+
+class FeatureHead(nn.Module):
+    """A fully convolutional detector on frozen ImageNet features: a small head trained per generator.
+
+    Why frozen features: with a few dozen normals, a detector trained from scratch learns the training
+    images' own textures, and its false alarms on an unseen normal move with its seed more than the
+    generators differ; ImageNet features describe texture the same way for every detector, so what a
+    generator's anomalies teach is what differs between rows. The map is upsampled to the input's size.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.lateral4 = nn.Conv2d(24, width, 1)
+        self.lateral8 = nn.Conv2d(40, width, 1)
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f4, f8 = backbone_features(x)
+        h = self.lateral4(f4) + F.interpolate(self.lateral8(f8), size=f4.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.head(h), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def build_detector(cfg: DetectorConfig) -> nn.Module:
+    """The configured detector, untrained: the UNet from scratch, or a head on frozen ImageNet features."""
+    if cfg.backbone == "efficientnet-lite0":
+        return FeatureHead(cfg.head_width)
+    if cfg.backbone:
+        raise ValueError(f"unknown detector backbone {cfg.backbone!r}; use 'efficientnet-lite0' or '' (UNet)")
+    return UNet(cfg.unet_base, cfg.unet_depth)
+
+
 def _jpeg(crop: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(crop).save(buf, format="JPEG", quality=quality)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def _window(mask: np.ndarray, side: int, on_defect: bool, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of a `side` x `side` window: uniform, or (`on_defect` and the mask is not empty)
+    uniform among the windows that hold one defect pixel drawn at random."""
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask) if on_defect else ((), ())
+    if len(ys) == 0:
+        return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    i = int(rng.integers(0, len(ys)))
+    lo_y, lo_x = max(0, int(ys[i]) - side + 1), max(0, int(xs[i]) - side + 1)
+    return int(rng.integers(lo_y, min(int(ys[i]), h - side) + 1)), int(rng.integers(lo_x, min(int(xs[i]), w - side) + 1))
 
 
 def augment(
@@ -35,7 +118,7 @@ def augment(
     """
     h, w = mask.shape
     side = min(cfg.crop, h, w)
-    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    y, x = _window(mask, side, cfg.crop_on_defect, rng)
     img, msk = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
     if rng.random() < 0.5:
         img, msk = img[:, ::-1], msk[:, ::-1]
@@ -52,8 +135,11 @@ def train_detector(
     masks: list[np.ndarray],
     cfg: DetectorConfig,
     seed: int,
-) -> UNet:
-    """Train a fresh UNet for `cfg.steps` steps of Adam (cosine decay to a tenth) on balanced batches.
+) -> nn.Module:
+    """Train a fresh detector for `cfg.steps` steps of Adam (cosine decay to a tenth) on balanced batches.
+
+    The returned weights (and batch-norm statistics) are an exponential moving average of the steps'
+    (`cfg.ema`): a short budget's last step depends on its last few batches, the average much less.
 
     Args:
         normals: uint8 RGB normal images (their masks are empty).
@@ -68,7 +154,8 @@ def train_detector(
         raise ValueError("a detector needs normals and anomalies, one mask per anomaly")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = UNet(cfg.unet_base, cfg.unet_depth)
+    model = build_detector(cfg)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, cfg.steps)))
@@ -86,7 +173,8 @@ def train_detector(
         _seg_loss(model(x), y).backward()
         opt.step()
         sched.step()
-    return model.eval()
+        averaged.update_parameters(model)
+    return averaged.module.eval()
 
 
 @torch.inference_mode()

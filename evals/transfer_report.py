@@ -17,11 +17,15 @@ NOTES = (
     "every stored format (PNG and JPEG) scored; mean over categories, then over the row's held-out sources; "
     "mean ± sample std over detector seeds.",
     "Held-out sources: every other generator's anomalies on held-out normals (agent and open_loop share an "
-    "engine and are not tested on each other's output); the engine rows also get `engine:F` sources, tested "
-    "by a detector trained without family F. Rows therefore average over different source sets; "
-    "agent and open_loop have the same set. The column 'other generators only' leaves the engine:F sources out.",
+    "engine and are not tested on each other's output) and the engine's family sets `engine:F`, which the "
+    "engine rows are tested on by a detector trained without family F. Rows average over different "
+    "generator sources (never their own); agent and open_loop have the same set. The column 'other "
+    "generators only' leaves the engine:F sources out. Test anomalies smaller than QE's resolution floor "
+    "(24 px) are left out of every source.",
     "open_loop is the agent's own first image of every run (the same samples, seeds and instructions through "
     "the same batch path, one image attempt), so agent − open_loop is what the loop alone adds.",
+    "Detector: a small head on frozen ImageNet features (EfficientNet-Lite0, strides 4 and 8) unless the config "
+    "says backbone '' (a UNet from scratch); the same for every row. Each anomaly crop holds part of its defect.",
     "samples/s = anomalies written / generation seconds in this run (train and test sets), loads included.",
     "Synthetic test sources, not real defects.",
 )
