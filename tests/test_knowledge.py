@@ -227,6 +227,19 @@ def test_store_rebuilds_when_the_catalog_hash_changes(tmp_path, monkeypatch):
     assert KnowledgeStore(tmp_path, catalog=toy).ensure().metadata["fingerprint"] == changed.fingerprint()
 
 
+def test_stores_of_two_catalogs_on_one_path_never_rebuild_each_other(tmp_path):
+    from tools.knowledge.store import KnowledgeStore
+
+    one = KnowledgeStore(tmp_path, catalog=parse_catalog({"toy.yaml": _doc()}))
+    other = KnowledgeStore(tmp_path, catalog=parse_catalog({"toy.yaml": _doc(physics="Grit in a polishing pad.")}))
+    assert one.fingerprint() != other.fingerprint()
+    for _ in range(2):  # two checkouts of different versions, taking turns on the shared cache
+        assert one.retrieve("spoon", "scratch", k=1)[0].match == "exact"
+        assert other.retrieve("spoon", "scratch", k=1)[0].physics == "Grit in a polishing pad."
+        one._collection = other._collection = None  # a new process each turn
+    assert (one.builds, other.builds) == (1, 1)
+
+
 _WORKER = """
 import sys
 from tools.knowledge.store import KnowledgeStore

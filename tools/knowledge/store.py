@@ -152,8 +152,13 @@ class KnowledgeStore:
                 if fcntl is not None:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
+    def collection_name(self) -> str:
+        """One collection per fingerprint: checkouts with another catalog or embedder share the store's
+        folder without ever deleting each other's collection (they would, in turn, on every run)."""
+        return f"{COLLECTION_NAME}_{self.fingerprint()[:16]}"
+
     def ensure(self) -> Collection:
-        """The up-to-date collection, building or rebuilding it first when needed."""
+        """The up-to-date collection, building it first (or again, when a build was cut short) when needed."""
         if self._collection is not None:
             return self._collection
         with self._build_lock():
@@ -161,32 +166,31 @@ class KnowledgeStore:
                 self._client = chromadb.PersistentClient(
                     path=str(self.path), settings=Settings(anonymized_telemetry=False)
                 )
-            fingerprint = self.fingerprint()
-            collection = self._open_existing()
-            current = (collection.metadata or {}).get("fingerprint") if collection is not None else None
-            if collection is None or current != fingerprint or collection.count() != len(self.catalog):
+            fingerprint, name = self.fingerprint(), self.collection_name()
+            collection = self._open_existing(name)
+            if collection is None or collection.count() != len(self.catalog):
                 if collection is not None:
-                    logger.info("Knowledge store at %s is out of date; rebuilding", self.path)
-                    self._client.delete_collection(COLLECTION_NAME)
-                collection = self._build(fingerprint)
+                    logger.info("Knowledge store at %s is incomplete; rebuilding", self.path)
+                    self._client.delete_collection(name)
+                collection = self._build(name, fingerprint)
             else:
                 logger.debug("Knowledge store at %s is up to date", self.path)
             self._collection = collection
         return collection
 
-    def _open_existing(self) -> Collection | None:
+    def _open_existing(self, name: str) -> Collection | None:
         assert self._client is not None
         try:
-            return self._client.get_collection(COLLECTION_NAME, embedding_function=self.embedding)
+            return self._client.get_collection(name, embedding_function=self.embedding)
         except (NotFoundError, ValueError):
             return None
 
-    def _build(self, fingerprint: str) -> Collection:
+    def _build(self, name: str, fingerprint: str) -> Collection:
         assert self._client is not None
         load_embedder(self.embedding.model_path)  # so the logged build time is indexing, not model loading
         started = time.perf_counter()
         collection = self._client.create_collection(
-            COLLECTION_NAME,
+            name,
             configuration={"hnsw": {"space": "cosine"}},
             metadata={"fingerprint": fingerprint, "schema_version": SCHEMA_VERSION},
             embedding_function=self.embedding,
