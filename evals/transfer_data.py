@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def _store_copies(items: list[Item], folder: Path, formats: list[str]) -> dict[s
     return out
 
 
-def _by_type(cat: Category, types: list[str], keep=list) -> dict[str, list[Item]]:
+def _by_type(
+    cat: Category, types: list[str], keep: Callable[[list[Item]], list[Item]] = list
+) -> dict[str, list[Item]]:
     return {t: keep(list(cat.test.get(t, []))) for t in types}
 
 

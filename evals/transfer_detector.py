@@ -32,21 +32,14 @@ _FEATURES_LIMIT = 256
 
 def backbone_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """EfficientNet-Lite0's ImageNet features of a [-1, 1] batch at strides 4 and 8 (24 and 40 channels)."""
-    from tools.features import load_backbone
+    from tools.features import block_outputs
 
     # Only scoring (inference mode) is cached: training crops never repeat, and inference tensors cannot
     # enter a graph that is differentiated.
     key = hashlib.sha1(x.numpy().tobytes()).digest() + str(tuple(x.shape)).encode() if torch.is_inference_mode_enabled() else b""
     if key in _FEATURES:
         return _FEATURES[key]
-    m = load_backbone()
-    with torch.no_grad():
-        h = m._swish(m._bn0(m._conv_stem(x * (127.5 / 128.0))))
-        outs = []
-        for i, block in enumerate(m._blocks[:5]):
-            h = block(h)
-            if i in (2, 4):
-                outs.append(h)
+    outs = block_outputs(x * (127.5 / 128.0), (2, 4))  # [-1, 1] to the Lite models' (pixel - 127) / 128
     if key:
         if len(_FEATURES) >= _FEATURES_LIMIT:
             _FEATURES.clear()

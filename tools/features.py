@@ -66,6 +66,22 @@ def load_backbone():
     return model
 
 
+def block_outputs(x, levels: tuple[int, ...] = LEVELS) -> list:
+    """The backbone's raw activations after each block in `levels`, for a normalised (N, 3, H, W) tensor
+    ((pixel - 127) / 128); gradients are not tracked (the backbone is frozen)."""
+    import torch
+
+    model = load_backbone()
+    outs = []
+    with torch.no_grad():
+        h = model._swish(model._bn0(model._conv_stem(x)))
+        for i, block in enumerate(model._blocks[: max(levels) + 1]):
+            h = block(h)
+            if i in levels:
+                outs.append(h)
+    return outs
+
+
 def feature_maps(images: list[np.ndarray], levels: tuple[int, ...] = LEVELS) -> list[list[np.ndarray]]:
     """Feature maps of uint8 RGB images (all the same size), one list per image, one array per level.
 
@@ -78,24 +94,19 @@ def feature_maps(images: list[np.ndarray], levels: tuple[int, ...] = LEVELS) -> 
     """
     import torch
 
-    model = load_backbone()
     x = np.stack([np.asarray(im, np.float32) for im in images])
     x = (torch.from_numpy(x).permute(0, 3, 1, 2) - _MEAN) / _STD
     outs: list[list[np.ndarray]] = [[] for _ in images]
-    last = max(levels)
     with _lock, torch.inference_mode():
         # One thread: these tensors are small, and on a busy machine torch's worker threads spin-wait
         # (one thread was over 20x faster than two while another process used the CPUs; RESULTS.md).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            h = model._swish(model._bn0(model._conv_stem(x)))
-            for i, block in enumerate(model._blocks[: last + 1]):
-                h = block(h)
-                if i in levels:
-                    f = h / (h.norm(dim=1, keepdim=True) + 1e-6)
-                    for j in range(len(images)):
-                        outs[j].append(f[j].numpy().copy())
+            for h in block_outputs(x, levels):
+                f = h / (h.norm(dim=1, keepdim=True) + 1e-6)
+                for j in range(len(images)):
+                    outs[j].append(f[j].numpy().copy())
         finally:
             torch.set_num_threads(threads)
     return outs
