@@ -10,6 +10,7 @@ import pytest
 
 from graph.graph import build_graph, recursion_limit
 from graph.configuration import Configuration
+from tools.image_store import ImageStore
 from tools.imaging import load_image, load_mask
 
 SEVEN_NODES = {"policy", "prompt_gen", "image_gen", "quality_eval", "knowledge_retrieval", "mask_gen", "finalize"}
@@ -82,3 +83,48 @@ def test_image_input_as_data_url_runs(sample_dir, tmp_path):
     url = encode_data_url(load_image(image))
     state = _run(url, "capsule", "scratch", tmp_path / "run")  # type: ignore[arg-type]
     assert Path(state["result"]["anomaly_path"]).is_file()
+
+
+def _attempts(sample_dir: Path, tmp_path: Path, prompts: list[str], category: str = "carpet", anomaly_type: str = "color"):
+    """IG's output for each prompt in turn, through the graph's own image_gen node on one run's state."""
+    from graph.nodes import run_image_gen, start_run
+
+    cfg = Configuration.load()
+    image = sorted((sample_dir / category).glob("*.png"))[0]
+    state = start_run({"image": str(image), "category": category, "anomaly_type": anomaly_type, "seed": 3,
+                       "run_dir": str(tmp_path / "run")}, cfg)
+    store, normal = ImageStore(tmp_path / "run"), load_image(image).astype(float)
+    attempts = []
+    for prompt in prompts:
+        state = {**state, "calls": [*state.get("calls", []), "image_gen"]}
+        _, update = run_image_gen(state, {"prompt": prompt, "image": 1}, cfg)
+        state = {**state, **update}
+        record = state["generations"][str(len(state["images"]))]
+        region = store.get(record["region_id"]) > 0
+        change = np.abs(store.get(record["image_id"]).astype(float) - normal).max(axis=2)
+        ys, xs = np.nonzero(region)
+        attempts.append({"seed": record["info"]["seed"], "area": int(region.sum()), "centre": (ys.mean(), xs.mean()),
+                         "strength": float(np.median(change[region]))})
+    return attempts
+
+
+def test_a_refined_instruction_changes_only_what_its_words_changed(sample_dir, tmp_path):
+    # The review asked for a larger, stronger defect: the refined attempt is the same draw, larger and
+    # stronger (same place, same quantile of each range), not a new lottery that may come out smaller.
+    words = "Add one {size} dark stain with sharp edges, {contrast} contrast, anywhere on the carpet."
+    first, bigger, stronger = _attempts(sample_dir, tmp_path, [
+        words.format(size="tiny", contrast="low"),
+        words.format(size="small", contrast="low"),
+        words.format(size="small", contrast="medium"),
+    ])
+    assert bigger["area"] > 2 * first["area"]
+    assert np.hypot(*np.subtract(bigger["centre"], first["centre"])) < 0.1 * 128
+    assert stronger["strength"] > 1.5 * bigger["strength"]
+    assert stronger["area"] == pytest.approx(bigger["area"], rel=0.25)
+
+
+def test_an_instruction_sent_again_word_for_word_draws_anew(sample_dir, tmp_path):
+    prompt = "Add one medium dark stain with sharp edges, medium contrast, anywhere on the carpet."
+    once, again = _attempts(sample_dir, tmp_path, [prompt, prompt])
+    assert once["seed"] != again["seed"]
+    assert once["centre"] != again["centre"]
