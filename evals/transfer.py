@@ -8,8 +8,10 @@ defects for every family F; the two engine rows are tested on those by one more 
 trained without F. Every test anomaly covers at least QE's resolution floor.
 Per source and category: image AUROC and AP of the held-out normals against the source's anomalies, every
 image in every stored format (PNG, JPEG); per source: the mean over categories; per row and seed: the
-mean over sources; per row: mean and standard deviation over seeds. The agent's gain over the open loop
-is paired over seeds (same seeds, same test sets) with its standard error.
+mean over sources; per row: mean and standard deviation over all detectors of all data draws (the data
+set is drawn anew `data_draws` times: normals, every generator's output, the test sets). The agent's gain
+over the open loop is paired (same detector seeds, same test sets); its standard error is taken over data
+draws, since the gain moves more between draws of the data than between detector seeds.
 """
 
 from __future__ import annotations
@@ -88,6 +90,25 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
             "seeds": int(d.size)}
 
 
+def clustered_difference(a: list[float], b: list[float], draws: list[int]) -> dict[str, float]:
+    """Mean of a - b over paired runs and its standard error over data draws.
+
+    Each draw's mean difference (over its detector seeds) is one observation; the standard error is their
+    sample std / sqrt(draws). With one draw there is nothing to take it over: the standard error is then
+    the one over detector seeds alone (`paired_difference`), which leaves the data's own variation out.
+    `se_detectors` is always that one, for comparison.
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    by_draw = [float(d[np.asarray(draws) == g].mean()) for g in dict.fromkeys(draws)]
+    within = paired_difference(a, b)
+    if len(by_draw) < 2:
+        return {**within, "draws": 1, "se_detectors": within["se"], "per_draw": by_draw}
+    se = float(np.std(by_draw, ddof=1) / np.sqrt(len(by_draw)))
+    mean = float(np.mean(by_draw))
+    return {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan"), "seeds": int(d.size),
+            "draws": len(by_draw), "se_detectors": within["se"], "per_draw": by_draw}
+
+
 def _detector_seed(cfg: TransferConfig, k: int) -> int:
     return cfg.seed * 1000 + k
 
@@ -138,18 +159,28 @@ def evaluate(cfg: TransferConfig, data, images) -> dict[str, list[dict[str, dict
     return results
 
 
-def summarize(cfg: TransferConfig, data, results: dict[str, list[dict[str, dict[str, Any]]]]) -> dict[str, Any]:
-    """Rows (mean ± std over seeds of the mean over sources), per-source AUROC, the paired agent gain."""
+def summarize(
+    cfg: TransferConfig, runs: dict[str, list], results: dict[str, list[dict[str, dict[str, Any]]]], draws: list[int]
+) -> dict[str, Any]:
+    """Rows (mean ± std over detectors of the mean over sources), per-source AUROC, the agent's gain.
+
+    Args:
+        runs: Every row's generator runs (all draws), for samples/s.
+        results: {row: [per detector {source: metrics}]}, the detectors of every draw in turn.
+        draws: The data seed of each detector, in the same order.
+    """
     rows: dict[str, dict[str, Any]] = {}
     for gen, seeds in results.items():
         per_seed_auroc = [float(np.mean([m["auroc"] for m in s.values()])) for s in seeds]
         per_seed_ap = [float(np.mean([m["ap"] for m in s.values()])) for s in seeds]
         # The same mean over the other generators' sources only (the engine:F sets left out), a set every row has.
         per_seed_gen = [float(np.mean([m["auroc"] for k, m in s.items() if not is_lofo(k)])) for s in seeds]
-        runs = data.runs[gen]
-        samples = sum(r.samples for r in runs)
+        samples = sum(r.samples for r in runs[gen])
         a, a_sd = mean_std(per_seed_auroc)
         p, p_sd = mean_std(per_seed_ap)
+        # A draw may lose an engine:F set (no defect left above the resolution floor): each source over the
+        # detectors that tested on it.
+        sources = {src: [s[src] for s in seeds if src in s] for src in dict.fromkeys(k for s in seeds for k in s)}
         rows[gen] = {
             "auroc": a,
             "auroc_std": a_sd,
@@ -162,29 +193,29 @@ def summarize(cfg: TransferConfig, data, results: dict[str, list[dict[str, dict[
             "generators_auroc_std": mean_std(per_seed_gen)[1],
             "sources": {
                 src: {
-                    "auroc": mean_std([s[src]["auroc"] for s in seeds])[0],
-                    "auroc_std": mean_std([s[src]["auroc"] for s in seeds])[1],
-                    "ap": mean_std([s[src]["ap"] for s in seeds])[0],
-                    "per_format": {
-                        f: mean_std([s[src]["per_format"][f] for s in seeds])[0] for f in seeds[0][src]["per_format"]
-                    },
+                    "auroc": mean_std([m["auroc"] for m in ms])[0],
+                    "auroc_std": mean_std([m["auroc"] for m in ms])[1],
+                    "ap": mean_std([m["ap"] for m in ms])[0],
+                    "per_format": {f: mean_std([m["per_format"][f] for m in ms])[0] for f in ms[0]["per_format"]},
                 }
-                for src in seeds[0]
+                for src, ms in sources.items()
             },
             "samples": samples,
-            "samples_per_s": samples / max(sum(r.seconds for r in runs), 1e-9),
+            "samples_per_s": samples / max(sum(r.seconds for r in runs[gen]), 1e-9),
         }
     paired = AGENT in rows and OPEN_LOOP in rows
-    gain = paired_difference(rows[AGENT]["per_seed_auroc"], rows[OPEN_LOOP]["per_seed_auroc"]) if paired else None
+    gain = (
+        clustered_difference(rows[AGENT]["per_seed_auroc"], rows[OPEN_LOOP]["per_seed_auroc"], draws) if paired else None
+    )
     gain_generators = (
-        paired_difference(rows[AGENT]["per_seed_generators_auroc"], rows[OPEN_LOOP]["per_seed_generators_auroc"])
+        clustered_difference(rows[AGENT]["per_seed_generators_auroc"], rows[OPEN_LOOP]["per_seed_generators_auroc"], draws)
         if paired
         else None
     )
     others = {g: r for g, r in rows.items() if g not in ENGINE_ROWS}
     best = max(others, key=lambda g: others[g]["auroc"]) if others else None
     return {"rows": rows, "agent_minus_open_loop": gain, "agent_minus_open_loop_generators": gain_generators,
-            "best_other": best}
+            "best_other": best, "detector_draws": draws}
 
 
 def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
@@ -204,14 +235,34 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.generators) - set(ROWS))
     if unknown:
         raise EvalError(f"unknown generators {unknown}; choose from {list(ROWS)}")
-    if cfg.detector_seeds < 1:
-        raise EvalError("--detector-seeds must be at least 1")
+    if cfg.detector_seeds < 1 or cfg.data_draws < 1:
+        raise EvalError("--detector-seeds and --data-draws must be at least 1")
     torch.set_num_threads(1)  # one thread is fastest on a shared 2-core machine
     started, cpu_started, load_before = time.perf_counter(), time.process_time(), os.getloadavg()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    data = build(cfg)
-    generated_at = time.perf_counter()
-    results = evaluate(cfg, data, _Images(cfg.split.size))
+    results: dict[str, list[dict[str, dict[str, Any]]]] = {g: [] for g in cfg.generators}
+    runs: dict[str, list] = {}
+    draws: list[int] = []
+    splits: list[dict[str, Any]] = []
+    seconds = {"generation": 0.0, "detectors": 0.0}
+    first_runs: dict[str, list] = {}
+    for index in range(cfg.data_draws):
+        draw = cfg.draw(index)
+        if cfg.progress:
+            logger.info("data draw %d of %d (seed %d)", index + 1, cfg.data_draws, draw.seed)
+        began = time.perf_counter()
+        data = build(draw)
+        images = _Images(cfg.split.size)  # one draw's images at a time in memory
+        generated_at = time.perf_counter()
+        for gen, per_seed in evaluate(draw, data, images).items():
+            results[gen] += per_seed
+        draws += [draw.seed] * cfg.detector_seeds
+        seconds["generation"] += generated_at - began
+        seconds["detectors"] += time.perf_counter() - generated_at
+        for gen, generated in data.runs.items():
+            runs.setdefault(gen, []).extend(generated)
+        first_runs = first_runs or data.runs
+        splits.append({"seed": draw.seed, **split_record(data)})
     report = {
         "protocol": __doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
         "config": {
@@ -219,19 +270,17 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
             "split": asdict(cfg.split),
             "detector": asdict(cfg.detector),
         },
-        **summarize(cfg, data, results),
+        **summarize(cfg, runs, results, draws),
         "per_seed": results,
-        "splits": split_record(data),
-        "seconds": {
-            "generation": round(generated_at - started, 1),
-            "detectors": round(time.perf_counter() - generated_at, 1),
-        },
+        "splits": splits[0],
+        "draw_splits": splits,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "load_average": {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]},
         "wall_seconds": round(time.perf_counter() - started, 1),
         # One torch thread and one batch worker: CPU seconds are close to the wall time on an idle machine.
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
-    write_report(report, cfg.out, data.runs)
+    write_report(report, cfg.out, first_runs)
     return report
 
 

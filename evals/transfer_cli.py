@@ -35,6 +35,7 @@ def config_from_args(args: Any) -> TransferConfig:
         out=Path(args.out),
         generators=tuple(_csv(args.generators) or ROWS),
         detector_seeds=args.detector_seeds,
+        data_draws=args.data_draws,
         seed=args.seed,
         split=split,
         detector=det,
@@ -45,13 +46,17 @@ def config_from_args(args: Any) -> TransferConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `anomaly-agent eval transfer`."""
     split, det = SplitConfig(), DetectorConfig()
-    parser.add_argument("--out", required=True, help="folder for report.md, report.json, bars.png, contact sheets, data/")
+    parser.add_argument("--out", required=True,
+                        help="folder for report.md, report.json, bars.png, contact sheets and each draw's draw_<seed>/data/")
     parser.add_argument("--generators", help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
     parser.add_argument("--categories", help=f"comma-separated sample categories (default: {','.join(split.categories)})")
     parser.add_argument("--types", help="comma-separated defect types for every category (default: all of each category)")
     seeds = TransferConfig.detector_seeds
     parser.add_argument("--detector-seeds", dest="detector_seeds", type=int, default=seeds, help=f"detector seeds (default {seeds})")
-    parser.add_argument("--seed", type=int, default=0, help="data seed (normals, generators)")
+    draws = TransferConfig.data_draws
+    parser.add_argument("--data-draws", dest="data_draws", type=int, default=draws,
+                        help=f"data draws: the whole data set drawn anew with seeds SEED, SEED+1, ... (default {draws})")
+    parser.add_argument("--seed", type=int, default=0, help="first data seed (normals, generators)")
     parser.add_argument("--size", type=int, help=f"image side (default {split.size})")
     parser.add_argument("--train-normals", dest="train_normals", type=int,
                         help=f"training normals per category (default {split.train_normals})")

@@ -7,7 +7,7 @@ are chosen once, here, and never per generator. Nothing in this module imports t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 #: The rows of the table, in order: the agent first (its row is the headline).
@@ -85,13 +85,23 @@ class SplitConfig:
 
 @dataclass
 class TransferConfig:
-    """One run of the benchmark: where it writes, which rows, how many detector seeds."""
+    """One run of the benchmark: where it writes, which rows, how many data draws and detector seeds."""
+
+    def draw(self, index: int) -> TransferConfig:
+        """The config of data draw `index`: its own data seed and its own folder `out/draw_<seed>`."""
+        seed = self.seed + index
+        return replace(self, seed=seed, out=self.out / f"draw_{seed}", data_draws=1)
 
     out: Path
     generators: tuple[str, ...] = ROWS
-    #: Ten: one seed's detector moves a row by a few hundredths, as much as the gains worth finding, and a
-    #: detector on frozen features costs seconds.
-    detector_seeds: int = 10
+    #: Detectors per data draw and row, each with its own seed.
+    detector_seeds: int = 2
+    #: Data draws: the whole data set (normals, every generator's output, the test sets) drawn anew with
+    #: data seeds `seed`, `seed + 1`, ... Five: the loop's gain moves more from one draw of the data to the
+    #: next than from one detector seed to the next, so its standard error is taken over draws, and
+    #: a draw costs about as much as ten detectors.
+    data_draws: int = 5
+    #: The first data seed.
     seed: int = 0
     split: SplitConfig = field(default_factory=SplitConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)

@@ -15,7 +15,7 @@ from tools.imaging import write_json_atomic, write_text_atomic
 NOTES = (
     "AUROC/AP: image level, held-out normals against one source's anomalies per category, every image in "
     "every stored format (PNG and JPEG) scored; mean over categories, then over the row's held-out sources; "
-    "mean ± sample std over detector seeds.",
+    "mean ± sample std over every detector of every data draw.",
     "Held-out sources: every other generator's anomalies on held-out normals (agent and open_loop share an "
     "engine and are not tested on each other's output) and the engine's family sets `engine:F`, which the "
     "engine rows are tested on by a detector trained without family F. Rows average over different "
@@ -35,6 +35,18 @@ def _f(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _detectors(cfg: dict[str, Any]) -> str:
+    """'N detectors (D data draws × S seeds)'."""
+    draws, seeds = cfg.get("data_draws", 1), cfg["detector_seeds"]
+    return f"{draws * seeds} detectors ({draws} data draws × {seeds} seeds)"
+
+
+def _gain(gain: dict[str, Any]) -> str:
+    """The gain with its standard error and what that error is taken over."""
+    over = f"over {gain['draws']} data draws" if gain["draws"] > 1 else f"over {gain['seeds']} detector seeds of one data draw"
+    return f"{gain['mean']:+.4f} ± {_f(gain['se'])} (standard error {over}; {_f(gain['z'])} standard errors)."
+
+
 def _table(title: str, corner: str, columns: list[str], cells: dict[str, list[str]]) -> list[str]:
     """A titled markdown table: one row per key of `cells`, one column per entry of `columns`."""
     lines = ["", f"## {title}", "", f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -47,7 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = ["# Transfer benchmark", "", report["protocol"], ""]
     lines += [
-        f"| generator | image AUROC (mean ± std over {cfg['detector_seeds']} seeds) | image AP | held-out sources "
+        f"| generator | image AUROC (mean ± std over {_detectors(cfg)}) | image AP | held-out sources "
         "| image AUROC, other generators only | samples/s |",
         "|---|---|---|---|---|---|",
     ]
@@ -60,21 +72,20 @@ def markdown(report: dict[str, Any]) -> str:
     gain = report.get("agent_minus_open_loop")
     lines.append("")
     if gain:
-        lines.append(
-            f"agent − open_loop, image AUROC, paired over {gain['seeds']} detector seeds (same test sets): "
-            f"{gain['mean']:+.4f} ± {_f(gain['se'])} (standard error; {_f(gain['z'])} standard errors)."
-        )
+        lines.append(f"agent − open_loop, image AUROC, paired (same detector seeds, same test sets): {_gain(gain)}")
+        if gain["draws"] > 1:
+            lines.append(
+                "Per data draw: " + ", ".join(f"{g:+.4f}" for g in gain["per_draw"])
+                + f"; over detector seeds alone the standard error would be {_f(gain['se_detectors'])}."
+            )
     if gain_generators := report.get("agent_minus_open_loop_generators"):
-        lines.append(
-            f"The same on the other generators' sources only: {gain_generators['mean']:+.4f} ± "
-            f"{_f(gain_generators['se'])} ({_f(gain_generators['z'])} standard errors)."
-        )
+        lines.append(f"The same on the other generators' sources only: {_gain(gain_generators)}")
     if report.get("best_other"):
         lines.append(f"Best row other than agent and open_loop: {report['best_other']}.")
     lines += ["", *(f"- {n}" for n in NOTES)]
     sources = sorted({s for r in rows.values() for s in r["sources"]})
     lines += _table(
-        "Image AUROC per held-out source (mean ± std over seeds; - = not held out for this row)",
+        "Image AUROC per held-out source (mean ± std over detectors; - = not held out for this row)",
         "trained on \\ tested on",
         sources,
         {
@@ -85,7 +96,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     formats = sorted({f for r in rows.values() for s in r["sources"].values() for f in s["per_format"]})
     lines += _table(
-        "Image AUROC per stored format (mean over the row's sources and seeds; one format at a time)",
+        "Image AUROC per stored format (mean over the row's sources and detectors; one format at a time)",
         "generator",
         formats,
         {
@@ -108,7 +119,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def bar_chart(report: dict[str, Any], path: Path) -> Path:
-    """Image AUROC and AP per row, mean with std over detector seeds as error bars."""
+    """Image AUROC and AP per row, mean with std over detectors (all draws) as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +141,7 @@ def bar_chart(report: dict[str, Any], path: Path) -> Path:
         if key == "auroc":
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"transfer: trained on one generator, tested on what it never made ({report['config']['detector_seeds']} seeds)",
+    fig.suptitle(f"transfer: trained on one generator, tested on what it never made ({_detectors(report['config'])})",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

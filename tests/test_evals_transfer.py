@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from evals.mvtec_io import Item
-from evals.transfer import category_metrics, last_line, paired_difference, source_metrics
+from evals.transfer import category_metrics, clustered_difference, last_line, paired_difference, source_metrics
 from evals.transfer_config import DetectorConfig
 from evals.transfer_data import TransferData, held_out_sources, lofo_source, spread_over_types, training_items
 
@@ -28,14 +28,15 @@ LINE = re.compile(
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict]:
-    """One seeded run of the whole command: one object category, two types of two families, 2 seeds."""
+    """One seeded run of the whole command: one object category, two types of two families, 2 data draws of one
+    detector seed each."""
     from anomaly_agent_cli import main
 
     out = tmp_path_factory.mktemp("transfer") / "out"
     argv = [
         "eval", "transfer", "--out", str(out), "--categories", "metal_nut", "--types", "scratch,color",
         "--size", "64", "--train-normals", "2", "--test-normals", "2", "--test-anomalies", "4",
-        "--detector-seeds", "2", "--steps", "3", "--unet-base", "4", "--no-progress",
+        "--data-draws", "2", "--detector-seeds", "1", "--steps", "3", "--unet-base", "4", "--no-progress",
     ]  # fmt: skip
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -60,8 +61,18 @@ def test_tiny_run_writes_the_report_and_ends_with_the_summary_line(tiny_run):
     md = (out / "report.md").read_text()
     assert "agent − open_loop" in md and "per held-out source" in md
     gain = report["agent_minus_open_loop"]
-    expected = np.mean(np.subtract(report["rows"]["agent"]["per_seed_auroc"], report["rows"]["open_loop"]["per_seed_auroc"]))
-    assert gain["seeds"] == 2 and gain["mean"] == pytest.approx(expected)
+    differences = np.subtract(report["rows"]["agent"]["per_seed_auroc"], report["rows"]["open_loop"]["per_seed_auroc"])
+    assert report["detector_draws"] == [0, 1] and gain["draws"] == 2 and gain["seeds"] == 2
+    # One detector per draw: the standard error over draws is that of the two differences.
+    assert gain["per_draw"] == pytest.approx(list(differences))
+    assert gain["mean"] == pytest.approx(differences.mean())
+    assert gain["se"] == pytest.approx(np.std(differences, ddof=1) / np.sqrt(2))
+    assert "over 2 data draws" in md
+    # Each draw is a data set of its own: other normals, drawn with its own seed, in its own folder.
+    first, second = (out / f"draw_{d}" / "data" / "normals" / "metal_nut" / "train" / "good" for d in (0, 1))
+    names = sorted(p.name for p in first.iterdir())
+    assert names and names == sorted(p.name for p in second.iterdir())
+    assert not np.array_equal(np.asarray(Image.open(first / names[0])), np.asarray(Image.open(second / names[0])))
 
 
 def test_the_open_loop_is_the_agents_own_first_image_of_every_run(tiny_run):
@@ -70,7 +81,7 @@ def test_the_open_loop_is_the_agents_own_first_image_of_every_run(tiny_run):
     out, _, report = tiny_run
     first: dict[str, tuple[str, list[str]]] = {}
     for gen in ("agent", "open_loop"):
-        for line in (out / "data" / gen / "train" / "trajectories.jsonl").read_text().splitlines():
+        for line in (out / "draw_0" / "data" / gen / "train" / "trajectories.jsonl").read_text().splitlines():
             record = json.loads(line)
             calls = [c["function"] for m in record["messages"] if m["role"] == "assistant" for c in m.get("tool_calls") or []]
             prompts = [json.loads(c["arguments"])["prompt"] for c in calls if c["name"] == "image_gen"]
@@ -84,7 +95,7 @@ def test_the_open_loop_is_the_agents_own_first_image_of_every_run(tiny_run):
     same = 0
     for key, (_, prompts) in first.items():
         category, anomaly_type, name = key.split("/")
-        images = [np.asarray(Image.open(out / "data" / g / "train" / category / "test" / anomaly_type / f"{name}.png"))
+        images = [np.asarray(Image.open(out / "draw_0" / "data" / g / "train" / category / "test" / anomaly_type / f"{name}.png"))
                   for g in ("agent", "open_loop")]
         same += len(prompts) == 1 and np.array_equal(*images)
     assert same == sum(len(p) == 1 for _, p in first.values())
@@ -115,19 +126,22 @@ def test_no_generator_is_tested_on_its_own_output_or_its_engine_twin(tiny_run):
     for gen, row in report["rows"].items():
         sources = set(row["sources"])
         assert gen not in sources
-        for seed in report["per_seed"][gen]:
-            assert set(seed) == sources
+        # A draw may lose an engine:F set (no defect above the resolution floor); the row lists every source tested.
+        assert set().union(*report["per_seed"][gen]) == sources
+        tested = {d["seed"]: set(d["test_sources"]) for d in report["draw_splits"]}
+        for draw, seed in zip(report["detector_draws"], report["per_seed"][gen], strict=True):
+            assert set(seed) <= tested[draw]
     assert "open_loop" not in report["rows"]["agent"]["sources"]
     assert "agent" not in report["rows"]["open_loop"]["sources"]
     # Every engine:F set that kept a resolvable defect tests every row.
-    lofo = {s for s in report["splits"]["test_sources"] if s.startswith("engine:")}
+    lofo = {s for draw in report["draw_splits"] for s in draw["test_sources"] if s.startswith("engine:")}
     assert lofo and lofo <= {lofo_source("line"), lofo_source("blob")}
     assert all(lofo <= set(row["sources"]) for row in report["rows"].values())
 
 
 def test_every_test_image_is_also_stored_as_jpeg(tiny_run):
     out, _, report = tiny_run
-    camera = out / "data" / "camera"
+    camera = out / "draw_0" / "data" / "camera"
     sources = ["good", *(s.replace(":", "_") for s in report["splits"]["test_sources"])]
     for source in sources:
         folder = camera / source / "metal_nut"
@@ -201,6 +215,18 @@ def test_paired_difference_is_mean_and_standard_error_of_per_seed_differences():
     assert d["mean"] == pytest.approx(1 / 6)
     assert d["se"] == pytest.approx(np.std([0.1, 0.2, 0.2], ddof=1) / np.sqrt(3))
     assert d["z"] == pytest.approx(d["mean"] / d["se"]) and d["seeds"] == 3
+
+
+def test_the_gain_has_its_standard_error_over_data_draws_and_over_seeds_only_with_one_draw():
+    # Two draws, two detector seeds each: the seeds agree within a draw, the draws do not.
+    a, b = [0.80, 0.81, 0.70, 0.71], [0.70, 0.71, 0.70, 0.71]
+    gain = clustered_difference(a, b, [0, 0, 1, 1])
+    assert gain["per_draw"] == pytest.approx([0.10, 0.0])
+    assert gain["mean"] == pytest.approx(0.05) and gain["se"] == pytest.approx(0.05)
+    # Over detector seeds alone the spread of the draws is invisible: a far smaller error.
+    assert gain["se_detectors"] == pytest.approx(paired_difference(a, b)["se"]) and gain["se_detectors"] < gain["se"] / 1.5
+    one = clustered_difference(a[:2], b[:2], [0, 0])
+    assert one["draws"] == 1 and one["se"] == one["se_detectors"]
 
 
 def test_spread_over_types_takes_types_in_turn():
