@@ -162,8 +162,9 @@ def test_size_is_judged_against_the_instructions_word_with_the_engines_ranges() 
 
 def test_a_defect_of_fewer_pixels_than_the_image_resolves_fails_and_asks_for_a_larger_word() -> None:
     """A speck of a few pixels is no labelable defect at the image's resolution (a mask on it teaches a
-    detector to fire on normal texture): QE fails it and names the next size word; a defect of the same
-    look that covers enough pixels gets no size complaint."""
+    detector to fire on normal texture): QE fails it and names a larger size word, two or more words up
+    for a speck under half the floor; a defect of the same look that covers enough pixels gets no size
+    complaint."""
     normal = normal_for("capsule", 0, size=SIZE, seed=3)
     prompt = "Add one tiny dark stain with sharp edges, high contrast, in the center of the capsule."
     for seed in range(20):
@@ -175,8 +176,14 @@ def test_a_defect_of_fewer_pixels_than_the_image_resolves_fails_and_asks_for_a_l
     small = EvaluationRequest(category="capsule", anomaly_type="poke", prompt=prompt)
     bad = JUDGE.evaluate(normal, speck.result.image, small)
     assert not bad.passed and "Too small for this resolution" in bad.review
-    assert _fixes(bad)["size"] == "small"
+    assert _fixes(bad)["size"] in ("medium", "large")
     bigger = prompt.replace("tiny", "medium")
     blot = synthesize(ENGINE, PG, "capsule", "faulty_imprint", normal, seed=seed, prompt=bigger)
     fine = JUDGE.evaluate(normal, blot.result.image, EvaluationRequest(category="capsule", anomaly_type="poke", prompt=bigger))
     assert blot.result.region.sum() >= MIN_PIXELS and "Too small" not in fine.review
+
+
+def test_the_size_fix_goes_further_up_the_further_a_defect_is_under_the_resolution_floor() -> None:
+    from tools.quality_eval import _size_steps
+
+    assert [_size_steps(a) for a in (MIN_PIXELS - 1, MIN_PIXELS // 2, MIN_PIXELS // 2 - 1, MIN_PIXELS // 6 - 1, 1)] == [1, 1, 2, 3, 3]
