@@ -270,7 +270,8 @@ def run_image_gen(state: AgentState, args: dict[str, Any], cfg: Configuration) -
         is_texture=bool(state.get("is_texture")),
         default_shape=state.get("default_shape", "stain"),
         region=state.get("region"),
-        seed=_image_seed(state, args["prompt"], source),
+        seed=_derive_seed(state, "image_gen"),
+        look_seed=_look_seed(state, args["prompt"], source),
         jpeg_quality=state.get("jpeg_quality"),
         jpeg_subsampling=state.get("jpeg_subsampling", 2),
     )
@@ -358,18 +359,19 @@ def _derive_seed(state: AgentState, tool: str, index: int | None = None) -> int:
     return (int(state.get("seed", 0)) * 1_000_003 + index * 7919 + sum(map(ord, tool))) % (2**32)
 
 
-def _image_seed(state: AgentState, prompt: str, source: int) -> int:
-    """IG's seed: the same for every new instruction of a run, a fresh one for each repeat of an earlier one.
+def _look_seed(state: AgentState, prompt: str, source: int) -> int:
+    """IG's appearance seed: the same for every new instruction of a run, a fresh one for each repeat of an earlier one.
 
-    Why: a refined instruction then draws the same defect (its place, shape and the quantile of every
-    appearance range) with only what its changed words changed, so a fix moves what the review named, in
-    the direction it named, and nothing else: the refined attempt is better, not just different. An
-    instruction sent again word for word asks for another draw, and gets one.
+    Why: a refined instruction then draws the same look (the quantile of every appearance range: size,
+    contrast, softness, interior), so a fix moves what the review named, in the direction it named: the
+    refined attempt is better, not just different. Where the defect goes and its exact outline come from
+    IG's per-call seed, so a failure no word names (a seam on an unlucky spot) is not simply repeated. An
+    instruction sent again word for word asks for another look, and gets one.
     """
     repeats = sum(
         1 for g in (state.get("generations") or {}).values() if g.get("prompt") == prompt and g.get("source") == source
     )
-    return _derive_seed(state, "image_gen", index=repeats)
+    return _derive_seed(state, "image_gen:look", index=repeats)
 
 
 # ------------------------------------------------------------------------------------------- finalize

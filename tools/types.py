@@ -70,6 +70,11 @@ class GenerationRequest(BaseModel):
     default_shape: str = "stain"
     region: str | None = None
     seed: int = 0
+    look_seed: int | None = Field(
+        default=None,
+        description="Seed of the defect's appearance draw (the quantile of each range its words name); None: `seed`. "
+        "The agent keeps it across a run's refined instructions, so a changed word moves its own attribute only.",
+    )
     jpeg_quality: int | None = Field(
         default=None, ge=1, le=100, description="The input's JPEG quality when it was a JPEG; the output then goes through it too."
     )

@@ -201,7 +201,7 @@ class ProceduralEngine:
         spec = parse_instruction(request.prompt, default_shape=request.default_shape, region=request.region)
         rng = np.random.default_rng(request.seed)
         # Appearance draws come from their own stream, so a word changes its attribute and nothing else.
-        look_rng = np.random.default_rng([request.seed, 0xD1CE])
+        look_rng = np.random.default_rng([request.seed if request.look_seed is None else request.look_seed, 0xD1CE])
         fg, depth = self._foreground(image, request.is_texture)
         diameter = foreground_diameter(fg)  # sizes stay relative to the product even when drawn elsewhere
         if foreground is not None:
