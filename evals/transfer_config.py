@@ -87,11 +87,6 @@ class SplitConfig:
 class TransferConfig:
     """One run of the benchmark: where it writes, which rows, how many data draws and detector seeds."""
 
-    def draw(self, index: int) -> TransferConfig:
-        """The config of data draw `index`: its own data seed and its own folder `out/draw_<seed>`."""
-        seed = self.seed + index
-        return replace(self, seed=seed, out=self.out / f"draw_{seed}", data_draws=1)
-
     out: Path
     generators: tuple[str, ...] = ROWS
     #: Detectors per data draw and row, each with its own seed.
@@ -106,3 +101,8 @@ class TransferConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     progress: bool = False
+
+    def draw(self, index: int) -> TransferConfig:
+        """The config of data draw `index`: its own data seed and its own folder `out/draw_<seed>`."""
+        seed = self.seed + index
+        return replace(self, seed=seed, out=self.out / f"draw_{seed}", data_draws=1)

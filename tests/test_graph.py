@@ -102,7 +102,6 @@ def _attempts(sample_dir: Path, tmp_path: Path, prompts: list[str], category: st
         record = state["generations"][str(len(state["images"]))]
         region = store.get(record["region_id"]) > 0
         change = np.abs(store.get(record["image_id"]).astype(float) - normal).max(axis=2)
-        ys, xs = np.nonzero(region)
         look = record["info"]["defects"][0]["look"]
         attempts.append({"seed": record["info"]["seed"], "area": int(region.sum()), "extent": look["extent_frac"],
                          "contrast": look["contrast"], "strength": float(np.median(change[region]))})
